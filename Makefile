@@ -1,0 +1,52 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each installs what it needs (a project-local
+# virtualenv, the Python dependencies, Delta's jars cached in .cache/jars, the tiny CLIP test model).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+JARS_STAMP := .cache/jars/.fetched
+MODEL := .cache/models/tiny-clip/tiny_clip.pt
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYSPARK_PYTHON := $(abspath $(PY))
+export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP) $(JARS_STAMP) $(MODEL)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(JARS_STAMP): $(STAMP) laion_spark/jars.py
+	$(PY) -m laion_spark.jars fetch
+	touch $@
+
+$(MODEL): $(STAMP) scripts/train_tiny_clip.py
+	$(PY) scripts/train_tiny_clip.py --out $(MODEL)
+
+demo: setup
+	$(PY) -m laion_spark.demo --workdir .cache/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check laion_spark jobs tests bench scripts
+	$(VENV)/bin/ruff format --check laion_spark jobs tests bench scripts
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix laion_spark jobs tests bench scripts
+	$(VENV)/bin/ruff format laion_spark jobs tests bench scripts
+
+test: setup lint
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/extract.py
+	$(PY) bench/transforms.py
+	$(PY) bench/download.py
+	$(PY) bench/clip.py
+
+clean:
+	rm -rf .cache/demo spark-warehouse metastore_db derby.log .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from laion_spark.cli import main
+
+sys.exit(main())

@@ -1,0 +1,299 @@
+"""One typed configuration for every stage.
+
+Loaded from a YAML file (``conf/local.yaml`` and friends), then overridden from the command line with
+``--set section.key=value`` where the value is parsed as YAML. Unknown keys and wrong types are errors that
+name the key and the file, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says where and what."""
+
+
+@dataclass
+class SparkConfig:
+    """How to build a SparkSession when none is active (notebooks and spark-submit bring their own)."""
+
+    master: str = "local[*]"
+    app_name: str = "laion_spark"
+    log_level: str = "WARN"
+    shuffle_partitions: int = 8
+    # Extra Spark settings, passed through verbatim (e.g. spark.driver.memory: 4g).
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ExtractConfig:
+    """Archives -> pairs. Defaults follow LAION's extraction rules."""
+
+    min_alt_chars: int = 5
+    max_alt_chars: int = 4096
+    max_url_chars: int = 2048
+    allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
+    # fastwarc is several times faster than warcio on WARC/WAT; ARC files always go through warcio.
+    reader: str = "auto"  # auto | fastwarc | warcio
+    # How Python workers open input files: "auto" opens local/fsspec paths as streams and falls back to
+    # Spark's binaryFile source for schemes only the JVM can read; "spark" forces that fallback.
+    io: str = "auto"  # auto | spark
+    # Entries of a manifest that are relative (Common Crawl's wat.paths.gz) are joined to this prefix;
+    # empty means "relative to the manifest's own directory".
+    manifest_prefix: str = ""
+    rows_per_batch: int = 10000
+    # Decoding fallback for HTML pages that declare no charset and are not valid UTF-8.
+    fallback_encoding: str = "cp1252"
+
+
+@dataclass
+class RulesConfig:
+    """Text and URL rules applied to pairs (LAION defaults)."""
+
+    min_text_chars: int = 5
+    max_text_chars: int = 1000
+    max_url_chars: int = 2048
+    allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
+    # Regular expressions matched against the whole normalised alt text (case-insensitive).
+    junk_text_patterns: list[str] = field(
+        default_factory=lambda: [
+            r"(img|image|dsc|dscn|pic|photo|screenshot)[-_ ]?\d+(\.\w{2,4})?",
+            r"[\w\-. ]+\.(jpe?g|png|gif|webp|bmp|tiff?|svg)",
+            r"(image|img|picture|photo|logo|icon|placeholder|banner|thumbnail|spacer|untitled|null|undefined|alt)s?",
+        ]
+    )
+    require_image_extension: bool = False
+    image_extensions: list[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
+    )
+
+
+@dataclass
+class DedupConfig:
+    # url_text: LAION-400M's key (normalised URL + normalised text); url: LAION-5B's URL-only mode.
+    mode: str = "url_text"
+
+
+@dataclass
+class LanguageConfig:
+    detector: str = "lingua"
+    # Below this confidence the language is "none" (LAION-5B's English / other / no-language split).
+    min_confidence: float = 0.5
+    # ISO 639-1 codes the detector chooses among; empty means every language lingua knows.
+    languages: list[str] = field(default_factory=list)
+    low_accuracy_mode: bool = False
+
+
+@dataclass
+class TransformsConfig:
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+
+
+@dataclass
+class DownloadConfig:
+    """Candidates -> images. Safety defaults are on; see README "Download safety"."""
+
+    source: str = "http"  # http | archive (resolve images from WARC response records, no network)
+    archive_inputs: list[str] = field(default_factory=list)
+    threads: int = 64
+    per_host_connections: int = 8
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    total_timeout_s: float = 30.0
+    max_body_bytes: int = 20 * 1024 * 1024
+    retries: int = 2
+    backoff_s: float = 0.5
+    max_redirects: int = 5
+    user_agent_token: str = ""
+    honour_x_robots_tag: bool = True
+    disallowed_robots_values: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    ssrf_guard: bool = True
+    # Hosts or CIDRs, each with an optional port ("127.0.0.1:8080", "10.0.0.0/8"): the only way past the guard.
+    allowed_hosts: list[str] = field(default_factory=list)
+    min_image_bytes: int = 5 * 1024
+    min_side: int = 10
+    max_side: int = 20000
+    max_aspect_ratio: float = 10.0
+    max_pixels: int = 89_478_485  # Pillow's own decompression-bomb limit
+    resize_mode: str = "border"  # border | keep_ratio | center_crop | no
+    image_size: int = 256
+    encode_format: str = "jpg"  # jpg | png | webp
+    encode_quality: int = 95
+    partitions: int = 0  # 0: one per core
+
+
+@dataclass
+class ClipConfig:
+    model: str = "ViT-B-32"
+    # A pretrained tag (laion2b_s34b_b79k), a local checkpoint path, or empty for random weights.
+    pretrained: str = "laion2b_s34b_b79k"
+    # A local open_clip model-config JSON, for architectures that open_clip does not know by name.
+    model_config: str = ""
+    threshold: float = 0.28
+    # Keep the top k percent by similarity instead of a fixed threshold (0 disables).
+    top_k_percent: float = 0.0
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    embedding_dtype: str = "float16"  # float16 | float32
+    nsfw_prompts: list[str] = field(
+        default_factory=lambda: ["porn", "nudity", "sexual content", "explicit nude photo", "hentai"]
+    )
+    safe_prompts: list[str] = field(
+        default_factory=lambda: ["a photo", "a landscape", "a product photo", "a drawing", "text document"]
+    )
+    nsfw_detector_path: str = ""
+    partitions: int = 0
+
+
+@dataclass
+class Config:
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (YAML) over the defaults, then apply ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    config = _build(Config, raw, prefix="", source=source)
+    for override in overrides or []:
+        apply_override(config, override)
+    return config
+
+
+def apply_override(config: Config, override: str) -> None:
+    """Apply one ``section.key=value`` (value parsed as YAML) to ``config`` in place."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    dotted, _, value_text = override.partition("=")
+    dotted = dotted.strip()
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {dotted}: value is not valid YAML: {exc}") from None
+    parts = dotted.split(".")
+    target: Any = config
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(target) or part not in _field_names(type(target)):
+            raise ConfigError(f"--set: unknown key '{'.'.join(parts[: i + 1])}'")
+        target = getattr(target, part)
+    leaf = parts[-1]
+    if not dataclasses.is_dataclass(target) or leaf not in _field_names(type(target)):
+        raise ConfigError(f"--set: unknown key '{dotted}'")
+    hint = typing.get_type_hints(type(target))[leaf]
+    setattr(target, leaf, _coerce(hint, value, dotted, "--set"))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = _field_names(cls)
+    unknown = [key for key in raw if key not in known]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (known keys here: {', '.join(known)})"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(hint, value, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    """Check ``value`` against ``hint``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.", source)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: '{key}' must be {hint}, got {value!r}")
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(item_hint, item, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return {
+            _coerce(key_hint, k, key, source): _coerce(value_hint, v, f"{key}.{k}", source)
+            for k, v in value.items()
+        }
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool) and "conf" in key:
+        return str(value)  # Spark settings such as spark.sql.shuffle.partitions: 8
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+__all__ = [
+    "ClipConfig",
+    "Config",
+    "ConfigError",
+    "DedupConfig",
+    "DownloadConfig",
+    "ExtractConfig",
+    "LanguageConfig",
+    "RulesConfig",
+    "SparkConfig",
+    "TransformsConfig",
+    "apply_override",
+    "load_config",
+    "to_dict",
+]

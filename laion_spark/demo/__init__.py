@@ -1,0 +1,1 @@
+"""The bundled demo: a small synthetic crawl, a loopback image server, and the whole pipeline over them."""

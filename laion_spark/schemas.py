@@ -1,0 +1,131 @@
+"""Every Delta table's schema, in one place. The README's table reference is written from these."""
+
+from __future__ import annotations
+
+from pyspark.sql.types import (
+    ArrayType,
+    BinaryType,
+    DoubleType,
+    FloatType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+# Table names inside the lake directory: <lake>/<name>
+PAIRS = "pairs"
+INGEST_LOG = "ingest_log"
+STAGE_STATS = "stage_stats"
+CANDIDATES = "candidates"
+IMAGES = "images"
+EMBEDDINGS = "embeddings"
+DATASET = "dataset"
+
+
+def _schema(*fields: tuple[str, object, bool]) -> StructType:
+    return StructType([StructField(name, dtype, nullable) for name, dtype, nullable in fields])
+
+
+PAIRS_SCHEMA = _schema(
+    ("uid", StringType(), False),  # sha1 of normalised url + "\t" + normalised text
+    ("url", StringType(), False),  # absolute http(s) image URL
+    ("text", StringType(), False),  # alt text, entities decoded, whitespace collapsed
+    ("page_url", StringType(), True),
+    ("source_file", StringType(), False),
+    ("record_offset", LongType(), True),  # byte offset of the WARC/WAT record in its (compressed) file
+    ("crawl_date", TimestampType(), True),
+    ("source_format", StringType(), False),  # wat | warc | arc
+)
+
+INGEST_LOG_SCHEMA = _schema(
+    ("source_file", StringType(), False),
+    ("status", StringType(), False),  # ok | partial | failed
+    ("records_read", LongType(), False),
+    ("pairs_emitted", LongType(), False),
+    ("error", StringType(), True),
+    ("duration_s", DoubleType(), False),
+    ("run_id", StringType(), False),
+    ("finished_at", TimestampType(), False),
+)
+
+# One row per (run, stage, step): the funnel is drawn from this table.
+STAGE_STATS_SCHEMA = _schema(
+    ("run_id", StringType(), False),
+    ("stage", StringType(), False),  # extract | candidates | download | score
+    ("seq", IntegerType(), False),  # order of the step within its stage
+    ("step", StringType(), False),  # e.g. min_text_chars, dedup_within_batch, dedup_against_lake
+    ("rows_in", LongType(), False),
+    ("rows_out", LongType(), False),
+    ("recorded_at", TimestampType(), False),
+)
+
+CANDIDATES_SCHEMA = _schema(
+    ("uid", StringType(), False),
+    ("dedup_key", StringType(), False),
+    ("url", StringType(), False),
+    ("text", StringType(), False),
+    ("page_url", StringType(), True),
+    ("source_file", StringType(), False),
+    ("record_offset", LongType(), True),
+    ("crawl_date", TimestampType(), True),
+    ("language", StringType(), False),  # ISO 639-1 code, or "none" below the confidence threshold
+    ("language_confidence", DoubleType(), False),
+)
+
+IMAGES_SCHEMA = _schema(
+    ("uid", StringType(), False),
+    ("url", StringType(), False),
+    # success | failed_to_download | failed_to_decode | too_small | too_large | bad_aspect_ratio |
+    # disallowed | blocked_address | timeout | http_error
+    ("status", StringType(), False),
+    ("error", StringType(), True),
+    ("http_status", IntegerType(), True),
+    ("content_type", StringType(), True),
+    ("original_width", IntegerType(), True),
+    ("original_height", IntegerType(), True),
+    ("width", IntegerType(), True),
+    ("height", IntegerType(), True),
+    ("sha256", StringType(), True),
+    ("image", BinaryType(), True),
+    ("attempts", IntegerType(), False),
+    ("fetched_at", TimestampType(), False),
+)
+
+EMBEDDINGS_SCHEMA = _schema(
+    ("uid", StringType(), False),
+    ("image_embedding", ArrayType(FloatType()), True),
+    ("text_embedding", ArrayType(FloatType()), True),
+    ("embedding_dtype", StringType(), False),  # precision the vectors were rounded to: float16 | float32
+    ("similarity", FloatType(), True),
+    ("status", StringType(), False),  # ok | failed_to_decode
+    ("error", StringType(), True),
+    ("model", StringType(), False),
+)
+
+DATASET_SCHEMA = _schema(
+    ("uid", StringType(), False),
+    ("url", StringType(), False),
+    ("text", StringType(), False),
+    ("similarity", FloatType(), False),
+    ("width", IntegerType(), True),
+    ("height", IntegerType(), True),
+    ("original_width", IntegerType(), True),
+    ("original_height", IntegerType(), True),
+    ("language", StringType(), True),
+    ("nsfw", StringType(), False),  # NSFW | UNSURE | UNLIKELY (LAION-400M zero-shot tag)
+    ("punsafe", FloatType(), True),  # LAION's CLIP-based NSFW detector, when its weights are given
+    ("model", StringType(), False),
+)
+
+SCHEMAS: dict[str, StructType] = {
+    PAIRS: PAIRS_SCHEMA,
+    INGEST_LOG: INGEST_LOG_SCHEMA,
+    STAGE_STATS: STAGE_STATS_SCHEMA,
+    CANDIDATES: CANDIDATES_SCHEMA,
+    IMAGES: IMAGES_SCHEMA,
+    EMBEDDINGS: EMBEDDINGS_SCHEMA,
+    DATASET: DATASET_SCHEMA,
+}

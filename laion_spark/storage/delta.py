@@ -1,0 +1,80 @@
+"""Reads, writes and merges of the lake's Delta tables. Every table lives at ``<lake>/<name>``."""
+
+from __future__ import annotations
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+
+from laion_spark.schemas import SCHEMAS
+
+
+def table_path(lake: str, name: str) -> str:
+    """``<lake>/<name>``; the lake may be a local directory or any Hadoop URI (s3a://, abfss://, dbfs:/)."""
+    return f"{str(lake).rstrip('/')}/{name}"
+
+
+def table_exists(spark: SparkSession, lake: str, name: str) -> bool:
+    return DeltaTable.isDeltaTable(spark, table_path(lake, name))
+
+
+def read_table(spark: SparkSession, lake: str, name: str, missing_ok: bool = False) -> DataFrame:
+    """The table as a DataFrame; with ``missing_ok``, an empty frame of its schema when it does not exist."""
+    if not table_exists(spark, lake, name):
+        if missing_ok:
+            return spark.createDataFrame([], SCHEMAS[name])
+        raise FileNotFoundError(
+            f"no Delta table '{name}' at {table_path(lake, name)}: run the stage that writes it first"
+        )
+    return spark.read.format("delta").load(table_path(lake, name))
+
+
+def append(df: DataFrame, lake: str, name: str) -> None:
+    df.write.format("delta").mode("append").save(table_path(lake, name))
+
+
+def overwrite(df: DataFrame, lake: str, name: str) -> None:
+    df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(table_path(lake, name))
+
+
+def replace_where(df: DataFrame, lake: str, name: str, condition: str) -> None:
+    """Atomically replace the rows matching ``condition`` with ``df`` (one Delta commit)."""
+    spark = df.sparkSession
+    if not table_exists(spark, lake, name):
+        append(df, lake, name)
+        return
+    df.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(table_path(lake, name))
+
+
+def _merge_condition(keys: list[str]) -> str:
+    return " AND ".join(f"target.`{k}` <=> source.`{k}`" for k in keys)
+
+
+def upsert(df: DataFrame, lake: str, name: str, keys: list[str]) -> None:
+    """MERGE: update rows whose ``keys`` match, insert the others. ``df`` must be unique on ``keys``."""
+    spark = df.sparkSession
+    if not table_exists(spark, lake, name):
+        append(df, lake, name)
+        return
+    (
+        DeltaTable.forPath(spark, table_path(lake, name))
+        .alias("target")
+        .merge(df.alias("source"), _merge_condition(keys))
+        .whenMatchedUpdateAll()
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
+
+
+def merge_insert_new(df: DataFrame, lake: str, name: str, keys: list[str]) -> None:
+    """MERGE that only inserts rows whose ``keys`` are not in the table yet (incremental, idempotent)."""
+    spark = df.sparkSession
+    if not table_exists(spark, lake, name):
+        append(df, lake, name)
+        return
+    (
+        DeltaTable.forPath(spark, table_path(lake, name))
+        .alias("target")
+        .merge(df.alias("source"), _merge_condition(keys))
+        .whenNotMatchedInsertAll()
+        .execute()
+    )

@@ -1,0 +1,43 @@
+"""Shared fixtures: one real local SparkSession with Delta for the whole test run, a fresh lake per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_SAMPLES = PROJECT_ROOT.parent / "shared" / "samples"
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from laion_spark.config import SparkConfig
+    from laion_spark.session import build_local_session
+
+    session = build_local_session(
+        SparkConfig(
+            master="local[2]",
+            app_name="laion_spark-tests",
+            shuffle_partitions=2,
+            conf={"spark.ui.enabled": "false", "spark.driver.memory": "2g"},
+        )
+    )
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> str:
+    return str(tmp_path / "lake")
+
+
+@pytest.fixture
+def warcio_samples() -> Path:
+    directory = SHARED_SAMPLES / "warcio"
+    if not directory.is_dir():
+        pytest.skip("../shared/samples/warcio is absent")
+    return directory
