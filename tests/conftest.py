@@ -23,7 +23,12 @@ def spark():
             master="local[2]",
             app_name="laion_spark-tests",
             shuffle_partitions=2,
-            conf={"spark.ui.enabled": "false", "spark.driver.memory": "2g"},
+            conf={
+                "spark.ui.enabled": "false",
+                "spark.driver.memory": "2g",
+                "spark.databricks.delta.snapshotPartitions": "2",
+                "spark.ui.showConsoleProgress": "false",
+            },
         )
     )
     yield session
