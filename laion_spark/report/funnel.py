@@ -31,6 +31,10 @@ def format_funnel(spark: SparkSession, lake: str, run_id: str | None = None) -> 
     for stage, step, rows_in, rows_out in rows:
         kept = f"{100.0 * rows_out / rows_in:6.1f}%" if rows_in else "     - "
         lines.append(f"{stage + '.' + step:<{width}}  {rows_in:>12,}  {rows_out:>12,}  {kept:>7}")
-    totals = [f"{name}={read_table(spark, lake, name).count():,}" for name in TABLES_IN_FLOW if table_exists(spark, lake, name)]
+    totals = [
+        f"{name}={read_table(spark, lake, name).count():,}"
+        for name in TABLES_IN_FLOW
+        if table_exists(spark, lake, name)
+    ]
     lines.append("tables: " + ", ".join(totals))
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from laion_spark.storage.delta import append, read_table, table_exists
 
 
 def new_run_id() -> str:
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    now = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{now}-{uuid.uuid4().hex[:8]}"
 
 
@@ -35,7 +35,7 @@ class StageCounter:
     def write(self, spark: SparkSession, lake: str) -> None:
         if not self.steps:
             return
-        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         rows = [
             (self.run_id, self.stage, seq, step, rows_in, rows_out, now)
             for seq, (step, rows_in, rows_out) in enumerate(self.steps)
@@ -51,7 +51,9 @@ class StageCounter:
         return "\n".join(lines)
 
 
-def record_step(spark: SparkSession, lake: str, run_id: str, stage: str, step: str, rows_in: int, rows_out: int) -> None:
+def record_step(
+    spark: SparkSession, lake: str, run_id: str, stage: str, step: str, rows_in: int, rows_out: int
+) -> None:
     counter = StageCounter(run_id, stage)
     counter.add(step, rows_in, rows_out)
     counter.write(spark, lake)
