@@ -102,7 +102,11 @@ EMBEDDINGS_SCHEMA = _schema(
     ("similarity", FloatType(), True),
     ("status", StringType(), False),  # ok | failed_to_decode
     ("error", StringType(), True),
+    ("nsfw", StringType(), True),  # NSFW | UNSURE | UNLIKELY, kept here so the dataset can be re-cut without rescoring
+    ("punsafe", FloatType(), True),
     ("model", StringType(), False),
+    ("run_id", StringType(), False),
+    ("scored_at", TimestampType(), False),
 )
 
 DATASET_SCHEMA = _schema(

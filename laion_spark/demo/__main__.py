@@ -41,6 +41,11 @@ def run_demo(workdir: Path, config_path: Path = DEFAULT_CONFIG, overrides: list[
     try:
         netloc = urlsplit(base_url).netloc
         config = load_config(config_path, [f"download.allowed_hosts=['{netloc}']", *(overrides or [])])
+        # Executors of a standalone cluster run in their own work directories: give them absolute paths.
+        for key in ("model_config", "pretrained"):
+            value = getattr(config.clip, key)
+            if value and not Path(value).is_absolute() and (PROJECT_ROOT / value).exists():
+                setattr(config.clip, key, str(PROJECT_ROOT / value))
         archives = write_sample_crawl(crawl, base_url)
         print(f"sample crawl: {len(archives)} archives in {crawl}, images served from {base_url}")
         spark = get_spark(config)

@@ -1,0 +1,189 @@
+"""Check, decode, resize and re-encode one downloaded image with Pillow.
+
+The checks run on the header before any pixel is decoded, so a 20000 x 20000 decompression bomb costs a few
+kilobytes of parsing, not gigabytes of memory. JPEGs are decoded in draft mode at the smallest DCT scale that still
+covers the target size, which is most of the speed of this stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from laion_spark.config import ConfigError, DownloadConfig
+from laion_spark.download import status
+
+RESIZE_MODES = ("border", "keep_ratio", "center_crop", "no")
+ENCODE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+# EXIF orientations that swap width and height.
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    min_image_bytes: int = 5 * 1024
+    min_side: int = 10
+    max_side: int = 20000
+    max_aspect_ratio: float = 10.0
+    max_pixels: int = 89_478_485
+    resize_mode: str = "border"
+    image_size: int = 256
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+
+    @classmethod
+    def from_config(cls, config: DownloadConfig) -> ImageSettings:
+        if config.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"download.resize_mode = {config.resize_mode!r}: use one of {', '.join(RESIZE_MODES)}")
+        if config.encode_format.lower() not in ENCODE_FORMATS:
+            raise ConfigError(f"download.encode_format = {config.encode_format!r}: use jpg, png or webp")
+        if config.image_size < 1 and config.resize_mode != "no":
+            raise ConfigError(f"download.image_size = {config.image_size}: must be a positive number of pixels")
+        return cls(
+            min_image_bytes=config.min_image_bytes,
+            min_side=config.min_side,
+            max_side=config.max_side,
+            max_aspect_ratio=config.max_aspect_ratio,
+            max_pixels=config.max_pixels,
+            resize_mode=config.resize_mode,
+            image_size=config.image_size,
+            encode_format=config.encode_format.lower(),
+            encode_quality=config.encode_quality,
+        )
+
+
+@dataclass
+class ProcessedImage:
+    """The checked image: ``status`` is ``success`` when ``image`` holds the re-encoded bytes."""
+
+    status: str
+    error: str | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+    image: bytes | None = None
+
+
+def process_image(body: bytes, settings: ImageSettings) -> ProcessedImage:
+    """Check ``body`` against the size rules and return it resized and re-encoded; never raises."""
+    digest = hashlib.sha256(body).hexdigest()
+    if len(body) < settings.min_image_bytes:
+        return ProcessedImage(status.TOO_SMALL, f"{len(body)} bytes, below min_image_bytes", sha256=digest)
+    facts = ProcessedImage("", sha256=digest)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(body))
+            width, height = image.size
+            if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+                width, height = height, width
+            facts.original_width, facts.original_height = width, height
+            refusal = _check_dimensions(width, height, settings)
+            if refusal is not None:
+                facts.status, facts.error = refusal
+                return facts
+            _draft(image, width, height, settings)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        facts.status, facts.error = status.TOO_LARGE, f"decompression bomb: {exc}"
+        return facts
+    except UnidentifiedImageError:
+        facts.status, facts.error = status.FAILED_TO_DECODE, "not an image Pillow can identify"
+        return facts
+    except Exception as exc:  # truncated data, corrupt chunks, unsupported modes: Pillow raises many types
+        facts.status, facts.error = status.FAILED_TO_DECODE, f"{type(exc).__name__}: {exc}"
+        return facts
+    try:
+        resized = _resize(_to_rgb(ImageOps.exif_transpose(image)), settings)
+        facts.image = _encode(resized, settings)
+    except Exception as exc:
+        facts.status, facts.error = status.FAILED_TO_DECODE, f"{type(exc).__name__}: {exc}"
+        return facts
+    facts.status = status.SUCCESS
+    facts.width, facts.height = resized.size
+    return facts
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+
+
+def _check_dimensions(width: int, height: int, settings: ImageSettings) -> tuple[str, str] | None:
+    if width * height > settings.max_pixels:
+        return status.TOO_LARGE, f"{width}x{height} is more than max_pixels {settings.max_pixels}"
+    if max(width, height) > settings.max_side:
+        return status.TOO_LARGE, f"{width}x{height} has a side above max_side {settings.max_side}"
+    if min(width, height) < settings.min_side:
+        return status.TOO_SMALL, f"{width}x{height} has a side below min_side {settings.min_side}"
+    ratio = max(width, height) / min(width, height)
+    if ratio > settings.max_aspect_ratio:
+        return status.BAD_ASPECT_RATIO, f"aspect ratio {ratio:.1f} above max_aspect_ratio {settings.max_aspect_ratio}"
+    return None
+
+
+def _target_scale(width: int, height: int, settings: ImageSettings) -> float:
+    if settings.resize_mode == "border":
+        return settings.image_size / max(width, height)
+    return settings.image_size / min(width, height)
+
+
+def _draft(image: Image.Image, width: int, height: int, settings: ImageSettings) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller (no effect on other formats)."""
+    if settings.resize_mode == "no" or image.format != "JPEG":
+        return
+    scale = _target_scale(width, height, settings)
+    if scale < 0.5:
+        header_w, header_h = image.size
+        image.draft("RGB", (math.ceil(header_w * scale), math.ceil(header_h * scale)))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels become white, as a browser would show them on a default page.
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def _resize(image: Image.Image, settings: ImageSettings) -> Image.Image:
+    if settings.resize_mode == "no":
+        return image
+    size = settings.image_size
+    width, height = image.size
+    scale = _target_scale(width, height, settings)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if settings.resize_mode == "center_crop":
+        left = (image.width - size) // 2
+        top = (image.height - size) // 2
+        return image.crop((left, top, left + size, top + size))
+    if settings.resize_mode == "border":
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+        return canvas
+    return image  # keep_ratio: the shorter side is image_size
+
+
+def _encode(image: Image.Image, settings: ImageSettings) -> bytes:
+    buffer = io.BytesIO()
+    fmt = ENCODE_FORMATS[settings.encode_format]
+    if fmt == "PNG":
+        image.save(buffer, format=fmt, optimize=False)
+    else:
+        image.save(buffer, format=fmt, quality=settings.encode_quality)
+    return buffer.getvalue()

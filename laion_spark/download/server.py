@@ -1,0 +1,129 @@
+"""A small loopback image server for the demo, the benchmark and the tests.
+
+``/img/{slug}-{seed}.{jpg|png|webp}`` draws the synthetic image ``slug`` (``red-circle-pale_blue``) with ``seed``
+on request; ``/pool/{index}.jpg`` serves pre-encoded bytes by index (the benchmark's realistic JPEGs). Every
+request is counted in ``server.hits``. It is a test fixture, not a web server: bind it to loopback only.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from laion_spark.demo.synthetic import SyntheticImage, all_kinds, draw, encode
+
+CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
+
+
+@functools.cache
+def _kinds_by_slug() -> dict[str, SyntheticImage]:
+    return {kind.slug: kind for kind in all_kinds()}
+
+
+@functools.lru_cache(maxsize=1024)
+def synthetic_image_bytes(slug: str, seed: int, ext: str) -> bytes | None:
+    """The encoded image for ``/img/{slug}-{seed}.{ext}``, or None when the slug or extension is unknown."""
+    kind = _kinds_by_slug().get(slug)
+    if kind is None or ext not in PIL_FORMATS:
+        return None
+    return encode(draw(kind, seed=seed), PIL_FORMATS[ext])
+
+
+def synthetic_image_path(kind: SyntheticImage, seed: int = 0, ext: str = "jpg") -> str:
+    return f"/img/{kind.slug}-{seed}.{ext}"
+
+
+class ImageServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a hit counter and an optional pool of pre-encoded images."""
+
+    daemon_threads = True
+    # The downloader opens dozens of connections at once; the default backlog of 5 would refuse some.
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], pool: Sequence[bytes] = ()):
+        super().__init__(address, handler)
+        self.pool = list(pool)
+        self.hits: Counter[str] = Counter()
+        self._hits_lock = threading.Lock()
+
+    def count(self, path: str) -> None:
+        with self._hits_lock:
+            self.hits[path] += 1
+
+    @property
+    def total_hits(self) -> int:
+        with self._hits_lock:
+            return sum(self.hits.values())
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class SyntheticImageHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ImageServer
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's signature
+        pass  # thousands of requests per benchmark; the hit counter is the log
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.server.count(self.path)
+        self.serve_image(self.path.split("?", 1)[0])
+
+    def serve_image(self, path: str) -> None:
+        body, content_type = self.resolve(path)
+        if body is None:
+            self.send_plain(404, b"not found")
+            return
+        self.send_bytes(200, body, content_type)
+
+    def resolve(self, path: str) -> tuple[bytes | None, str]:
+        if path.startswith("/pool/") and self.server.pool:
+            index = path[len("/pool/") :].rsplit(".", 1)[0]
+            if index.isdigit():
+                return self.server.pool[int(index) % len(self.server.pool)], "image/jpeg"
+        if path.startswith("/img/"):
+            name, _, ext = path[len("/img/") :].rpartition(".")
+            slug, _, seed = name.rpartition("-")
+            if seed.isdigit():
+                return synthetic_image_bytes(slug, int(seed), ext), CONTENT_TYPES.get(ext, "")
+        return None, ""
+
+    def send_bytes(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_plain(self, code: int, body: bytes) -> None:
+        self.send_bytes(code, body, "text/plain")
+
+
+def start_server(
+    handler: type[BaseHTTPRequestHandler] = SyntheticImageHandler,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    pool: Sequence[bytes] = (),
+    server_class: type[ImageServer] = ImageServer,
+) -> ImageServer:
+    """Start ``handler`` on ``host``:``port`` (0: any free port) in a daemon thread; ``server.shutdown()`` stops it."""
+    server = server_class((host, port), handler, pool)
+    threading.Thread(target=server.serve_forever, name=f"image-server-{server.server_address[1]}", daemon=True).start()
+    return server
+
+
+def serve_synthetic_images(
+    host: str = "127.0.0.1", port: int = 0, pool: Sequence[bytes] = ()
+) -> tuple[ImageServer, str]:
+    """Start the synthetic image server in a thread and return it with its base URL (``http://127.0.0.1:PORT``)."""
+    server = start_server(SyntheticImageHandler, host, port, pool)
+    return server, server.base_url

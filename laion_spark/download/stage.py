@@ -1,0 +1,239 @@
+"""The download stage in Spark: candidates -> ``images``, one row per candidate, fetched inside Python workers.
+
+Each Spark task streams its URLs through the worker's :class:`Fetcher` (a thread pool built once per Python worker
+and reused by every task it runs), decodes and resizes in the same threads, and yields rows a few hundred at a time.
+Results are staged to Parquet first and merged into ``images`` from there, so that counting the outcomes and
+merging never fetch a URL twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Iterator
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from laion_spark.config import Config, ConfigError
+from laion_spark.download import status
+from laion_spark.download.archive import archive_responses, judge_archived_response
+from laion_spark.download.fetch import Fetcher, FetchResult, FetchSettings
+from laion_spark.download.images import ImageSettings, ProcessedImage, process_image
+from laion_spark.schemas import CANDIDATES, IMAGES, IMAGES_SCHEMA
+from laion_spark.storage import StageCounter, append, new_run_id, read_table, table_path, upsert
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_BATCH = 256
+# Enough URLs per task that the thread pool stays busy, few enough that a lost task costs little to redo.
+URLS_PER_PARTITION = 20_000
+SOURCES = ("http", "archive")
+
+
+@functools.cache
+def worker_fetcher(settings: FetchSettings) -> Fetcher:
+    """One Fetcher (thread pool, per-host slots) per Python worker and settings, reused across tasks."""
+    return Fetcher(settings)
+
+
+def mark_settled(candidates: DataFrame, images: DataFrame, retry_failed: bool = False) -> DataFrame:
+    """(uid, url, settled): ``settled`` when ``images`` already holds a final row for the uid.
+
+    Every row is final unless ``retry_failed``, which reopens the failures (``status.FAILURES``).
+    """
+    wanted = candidates.select("uid", "url").dropDuplicates(["uid"])
+    final = images.where(~F.col("status").isin(*status.FAILURES)) if retry_failed else images
+    done = final.select("uid", F.lit(True).alias("settled"))
+    return wanted.join(done, "uid", "left").select("uid", "url", F.coalesce("settled", F.lit(False)).alias("settled"))
+
+
+def urls_to_fetch(candidates: DataFrame, images: DataFrame, retry_failed: bool = False) -> DataFrame:
+    """Candidates (uid, url) without a final row in ``images``; with ``retry_failed`` the failures come back too."""
+    return mark_settled(candidates, images, retry_failed).where(~F.col("settled")).select("uid", "url")
+
+
+def fetch_images(to_fetch: DataFrame, fetch_settings: FetchSettings, image_settings: ImageSettings) -> DataFrame:
+    """(uid, url) -> ``IMAGES_SCHEMA`` rows, fetched over HTTP inside the Python workers."""
+
+    def fetch_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        yield from _fetch_partition(batches, fetch_settings, image_settings)
+
+    return to_fetch.select("uid", "url").mapInPandas(fetch_partition, IMAGES_SCHEMA)
+
+
+def images_from_archive(
+    to_fetch: DataFrame, responses: DataFrame, fetch_settings: FetchSettings, image_settings: ImageSettings
+) -> DataFrame:
+    """(uid, url) + archived responses -> ``IMAGES_SCHEMA`` rows; URLs with no record get ``not_in_archive``."""
+    one_per_url = responses.dropDuplicates(["url"])
+    joined = to_fetch.select("uid", "url").join(one_per_url, "url", "left")
+
+    def judge_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        rows: list[dict] = []
+        for batch in batches:
+            for row in batch.itertuples(index=False):
+                code = None if pd.isna(row.http_status) else int(row.http_status)
+                body = None if row.body is None or (not isinstance(row.body, bytes) and pd.isna(row.body)) else row.body
+                fetched = judge_archived_response(
+                    row.url, code, _text(row.content_type), _text(row.x_robots_tag), body, fetch_settings
+                )
+                rows.append(_image_row(row.uid, fetched, _check(fetched, image_settings)))
+                if len(rows) >= ROWS_PER_BATCH:
+                    yield _frame(rows)
+                    rows = []
+        if rows:
+            yield _frame(rows)
+
+    return joined.mapInPandas(judge_partition, IMAGES_SCHEMA)
+
+
+def run_download(
+    spark: SparkSession, config: Config, lake: str, run_id: str | None = None, retry_failed: bool = False
+) -> StageCounter:
+    """Fetch every candidate URL with no final status yet and upsert one row per candidate into ``images``."""
+    settings = config.download
+    if settings.source not in SOURCES:
+        raise ConfigError(f"download.source = {settings.source!r}: use 'http' or 'archive'")
+    if settings.source == "archive" and not settings.archive_inputs:
+        raise ConfigError("download.source is 'archive' but download.archive_inputs is empty: list the WARC files")
+    fetch_settings = FetchSettings.from_config(settings)
+    image_settings = ImageSettings.from_config(settings)
+    counter = StageCounter(run_id or new_run_id(), "download")
+
+    candidates = read_table(spark, lake, CANDIDATES)
+    images = read_table(spark, lake, IMAGES, missing_ok=True)
+    marked = mark_settled(candidates, images, retry_failed)
+    totals = marked.agg(F.count(F.lit(1)).alias("wanted"), F.count_if(~F.col("settled")).alias("open")).first()
+    wanted_count, fetch_count = int(totals["wanted"]), int(totals["open"] or 0)
+    counter.add("to_fetch", wanted_count, fetch_count)
+    if fetch_count == 0:
+        counter.write(spark, lake)
+        return counter
+    to_fetch = marked.where(~F.col("settled")).select("uid", "url")
+
+    if settings.source == "http":
+        partitions = settings.partitions or max(
+            spark.sparkContext.defaultParallelism, math.ceil(fetch_count / URLS_PER_PARTITION)
+        )
+        # Hashing by URL puts every uid of one URL in the same task, which then fetches the URL once.
+        spread = to_fetch.repartition(partitions, "url")
+        fetched = fetch_images(spread, fetch_settings, image_settings)
+    else:
+        responses = archive_responses(spark, settings.archive_inputs)
+        fetched = images_from_archive(to_fetch, responses, fetch_settings, image_settings)
+
+    staging = table_path(lake, f"_staging/download-{counter.run_id}")
+    fetched.write.mode("overwrite").parquet(staging)
+    try:
+        staged = spark.read.schema(IMAGES_SCHEMA).parquet(staging)
+        # A handful of (status, count) rows.
+        by_status = {row["status"]: row["count"] for row in staged.groupBy("status").count().collect()}
+        if retry_failed:
+            upsert(staged, lake, IMAGES, ["uid", "url"])  # retried rows replace their failures
+        else:
+            # Every uid here was anti-joined against images: a plain append is the same as a MERGE, and cheaper.
+            append(staged, lake, IMAGES)
+    finally:
+        _delete_path(spark, staging)
+    counter.add(status.SUCCESS, fetch_count, by_status.get(status.SUCCESS, 0))
+    for name in status.ALL:
+        if name != status.SUCCESS and by_status.get(name):
+            counter.add(name, fetch_count, by_status[name])
+    counter.write(spark, lake)
+    log.info("download: %d of %d candidates fetched, outcomes %s", fetch_count, wanted_count, by_status)
+    return counter
+
+
+def _fetch_partition(
+    batches: Iterator[pd.DataFrame], fetch_settings: FetchSettings, image_settings: ImageSettings
+) -> Iterator[pd.DataFrame]:
+    fetcher = worker_fetcher(fetch_settings)
+    uids_by_url: dict[str, list[str]] = {}
+
+    def new_urls() -> Iterator[str]:
+        # Pulled lazily by the pool's feeder, in this thread: the dict needs no lock.
+        for batch in batches:
+            for uid, url in zip(batch["uid"], batch["url"], strict=True):
+                waiting = uids_by_url.get(url)
+                if waiting is not None:
+                    waiting.append(uid)
+                    continue
+                uids_by_url[url] = [uid]
+                yield url
+
+    def fetch_and_check(url: str) -> tuple[FetchResult, ProcessedImage | None]:
+        fetched = fetcher.fetch(url)
+        checked = _check(fetched, image_settings)
+        fetched.body = None  # the re-encoded image is what we keep
+        return fetched, checked
+
+    rows: list[dict] = []
+    for fetched, checked in fetcher.map_unordered(fetch_and_check, new_urls()):
+        for uid in uids_by_url.pop(fetched.url):
+            rows.append(_image_row(uid, fetched, checked))
+        if len(rows) >= ROWS_PER_BATCH:
+            yield _frame(rows)
+            rows = []
+    if rows:
+        yield _frame(rows)
+
+
+def _check(fetched: FetchResult, image_settings: ImageSettings) -> ProcessedImage | None:
+    if fetched.status != status.SUCCESS or fetched.body is None:
+        return None
+    return process_image(fetched.body, image_settings)
+
+
+def _image_row(uid: str, fetched: FetchResult, checked: ProcessedImage | None) -> dict:
+    row = {
+        "uid": uid,
+        "url": fetched.url,
+        "status": fetched.status,
+        "error": fetched.error,
+        "http_status": fetched.http_status,
+        "content_type": fetched.content_type,
+        "original_width": None,
+        "original_height": None,
+        "width": None,
+        "height": None,
+        "sha256": None,
+        "image": None,
+        "attempts": max(1, fetched.attempts),
+    }
+    if checked is not None:
+        row.update(
+            status=checked.status,
+            error=checked.error,
+            original_width=checked.original_width,
+            original_height=checked.original_height,
+            width=checked.width,
+            height=checked.height,
+            sha256=checked.sha256,
+            image=checked.image,
+        )
+    return row
+
+
+_INT_COLUMNS = ("http_status", "original_width", "original_height", "width", "height", "attempts")
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=[f for f in IMAGES_SCHEMA.fieldNames() if f != "fetched_at"])
+    for column in _INT_COLUMNS:
+        frame[column] = pd.array(frame[column].tolist(), dtype="Int32")
+    frame["fetched_at"] = pd.Timestamp.now(tz="UTC")
+    return frame
+
+
+def _text(value: object) -> str | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def _delete_path(spark: SparkSession, path: str) -> None:
+    """Remove the staging directory through Hadoop's FileSystem, so that any lake URI works."""
+    jvm = spark.sparkContext._jvm
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hadoop_path, True)

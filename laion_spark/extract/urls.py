@@ -1,0 +1,75 @@
+"""Image URL rules: resolve against the page, keep http(s) only, and normalise for a stable ``uid``."""
+
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
+
+from laion_spark.extract.text import normalize_text
+
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+# The WHATWG URL parser strips these before parsing; pages carry them from pretty-printed HTML.
+_STRIPPED = str.maketrans("", "", "\t\n\r")
+
+
+def clean_target_uri(uri: str | None) -> str:
+    """A WARC-Target-URI as written by wget (``<http://...>``) or with stray spaces, made usable."""
+    if not uri:
+        return ""
+    uri = uri.strip()
+    if uri.startswith("<") and uri.endswith(">"):
+        uri = uri[1:-1]
+    return uri
+
+
+def resolve_url(src: str, page_url: str, base_href: str | None = None) -> str:
+    """``src`` made absolute: against ``<base href>`` (itself resolved against the page), else the page URL."""
+    src = src.strip().translate(_STRIPPED)
+    base = page_url
+    if base_href:
+        base = urljoin(page_url, base_href.strip().translate(_STRIPPED))
+    if not base:
+        return src
+    try:
+        return urljoin(base, src)
+    except ValueError:  # e.g. an invalid IPv6 literal in the base
+        return src
+
+
+def normalize_url(url: str) -> str:
+    """Lower-case scheme and host, drop the default port, the fragment and surrounding spaces; encode spaces.
+
+    The result still fetches the same resource, so it is what the ``pairs`` table stores.
+    """
+    url = url.strip().translate(_STRIPPED)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.replace(" ", "%20")
+    scheme = parts.scheme.lower()
+    netloc = parts.netloc
+    if netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        host, sep, port = hostport.rpartition(":") if not hostport.endswith("]") else (hostport, "", "")
+        if not sep:
+            host, port = hostport, ""
+        if port and _DEFAULT_PORTS.get(scheme) == port:
+            port = ""
+        netloc = (userinfo + "@" if userinfo else "") + host.lower() + (":" + port if port else "")
+    path = parts.path.replace(" ", "%20") or ("/" if netloc else "")
+    query = parts.query.replace(" ", "%20")
+    return urlunsplit(SplitResult(scheme, netloc, path, query, ""))
+
+
+def has_allowed_scheme(url: str, allowed_schemes: frozenset[str] | set[str]) -> bool:
+    """True for absolute URLs with a host whose scheme is allowed (LAION keeps http and https only)."""
+    scheme, sep, rest = url.partition(":")
+    if not sep or scheme.lower() not in allowed_schemes:
+        return False
+    return rest.startswith("//") and len(rest) > 2
+
+
+def pair_uid(url: str, text: str) -> str:
+    """The stable id of a pair: sha1 hex of the normalised URL, a tab, and the normalised text."""
+    key = normalize_url(url) + "\t" + normalize_text(text)
+    return hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()

@@ -1,0 +1,101 @@
+"""Exact dedup on (normalised URL, normalised text), within a batch and against the candidates in the lake.
+
+The key is built from Spark SQL functions only (no Python UDF): the JVM normalises and hashes a billion rows
+without shipping them to Python. The survivor of a key is the first row in :func:`survivor_order`: earliest
+crawl, then smallest source file, then smallest record offset, then the remaining columns, so the choice is
+a total order and reruns pick the same row whatever the partitioning.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from laion_spark.config import ConfigError
+
+DEDUP_KEY = "dedup_key"
+MODES = ("url_text", "url")
+
+_LATEST = "9999-12-31 23:59:59"
+_MAX_LONG = 2**63 - 1
+_URL_PARTS = r"^([A-Za-z][A-Za-z0-9+.\-]*)://([^@/?#]*@)?([^/?#]*)([^#]*)"
+
+
+def normalize_url(url: Column) -> Column:
+    """Lowercase scheme and host, drop the default port and the fragment, give an empty path its ``/``.
+
+    The path and query keep their case: servers treat them as case-sensitive. A string that is not an
+    absolute URL is only trimmed and stripped of its fragment.
+    """
+    trimmed = F.trim(url)
+    scheme = F.lower(F.regexp_extract(trimmed, _URL_PARTS, 1))
+    userinfo = F.regexp_extract(trimmed, _URL_PARTS, 2)
+    host = F.lower(F.regexp_extract(trimmed, _URL_PARTS, 3))
+    host = (
+        F.when(scheme == "http", F.regexp_replace(host, ":80$", ""))
+        .when(scheme == "https", F.regexp_replace(host, ":443$", ""))
+        .otherwise(host)
+    )
+    rest = F.regexp_extract(trimmed, _URL_PARTS, 4)
+    rest = F.when(rest.startswith("/"), rest).otherwise(F.concat(F.lit("/"), rest))
+    absolute = F.concat(scheme, F.lit("://"), userinfo, host, rest)
+    return F.when(trimmed.rlike(_URL_PARTS), absolute).otherwise(F.regexp_replace(trimmed, "#.*$", ""))
+
+
+def normalize_text(text: Column) -> Column:
+    """Casefold, collapse every run of (Unicode) whitespace to one space, trim."""
+    return F.trim(F.regexp_replace(F.lower(text), r"(?U)\s+", " "))
+
+
+def dedup_key(url: Column, text: Column, mode: str = "url_text") -> Column:
+    """sha1 hex of the normalised URL (mode ``url``) or of URL and text (mode ``url_text``)."""
+    if mode == "url_text":
+        return F.sha1(F.concat_ws("\t", normalize_url(url), normalize_text(text)))
+    if mode == "url":
+        return F.sha1(normalize_url(url))
+    raise ConfigError(f"transforms.dedup.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def add_dedup_key(df: DataFrame, mode: str = "url_text") -> DataFrame:
+    return df.withColumn(DEDUP_KEY, dedup_key(F.col("url"), F.col("text"), mode))
+
+
+def survivor_order(prefix: str = "") -> list[Column]:
+    """Sort keys, ascending, of a total order on rows; the first row of a key survives.
+
+    Unknown crawl dates and offsets sort last. ``prefix`` qualifies the columns (``"source."``) for the
+    MERGE condition.
+    """
+    return [
+        F.coalesce(F.col(f"{prefix}crawl_date"), F.lit(_LATEST).cast("timestamp")),
+        F.coalesce(F.col(f"{prefix}source_file"), F.lit("")),
+        F.coalesce(F.col(f"{prefix}record_offset"), F.lit(_MAX_LONG).cast("long")),
+        F.col(f"{prefix}url"),
+        F.col(f"{prefix}text"),
+        F.coalesce(F.col(f"{prefix}page_url"), F.lit("")),
+        F.col(f"{prefix}uid"),
+    ]
+
+
+def survivor_rank(prefix: str = "") -> Column:
+    """:func:`survivor_order` as one comparable struct: a smaller struct is an earlier row."""
+    return F.struct(*[key.alias(f"k{i}") for i, key in enumerate(survivor_order(prefix))])
+
+
+def keep_first_per_key(df: DataFrame) -> DataFrame:
+    """Exact dedup within the frame: one row per ``dedup_key``, the first in :func:`survivor_order`."""
+    window = Window.partitionBy(DEDUP_KEY).orderBy(*survivor_order())
+    return df.withColumn("_row", F.row_number().over(window)).where(F.col("_row") == 1).drop("_row")
+
+
+def keep_new_or_earlier(batch: DataFrame, existing: DataFrame) -> DataFrame:
+    """Rows of ``batch`` whose key is not in ``existing``, or that sort before the row kept for their key.
+
+    With both kinds written (insert and replace), a lake built over several runs holds exactly the rows a
+    single run over all their inputs would hold. ``batch`` must already be unique on ``dedup_key``.
+    """
+    kept = existing.select(F.col(DEDUP_KEY).alias("_kept_key"), survivor_rank().alias("_kept_rank"))
+    joined = batch.join(kept, batch[DEDUP_KEY] == kept["_kept_key"], "left")
+    return joined.where(F.col("_kept_key").isNull() | (survivor_rank() < F.col("_kept_rank"))).drop(
+        "_kept_key", "_kept_rank"
+    )

@@ -1,0 +1,132 @@
+"""The ``candidates`` stage: pairs -> rules -> dedup within the batch -> dedup against the lake -> language.
+
+Incremental by construction: every run reads ``pairs``, keeps one row per key, and MERGEs into ``candidates``
+only the keys the lake has not seen, plus the keys for which this batch holds an earlier survivor than the
+one stored (an older crawl ingested later). Several runs over overlapping inputs therefore leave the table
+exactly as one run over all of them would, and a rerun with no new pairs writes no row. Language detection,
+the expensive step, runs only on the rows that are written.
+
+Spark jobs per run: one aggregation over ``pairs`` (rows in, every rule's drops and the distinct keys, all
+at once), then the MERGE. The rows written come from the MERGE's own Delta metrics, not from a recount.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from laion_spark.config import Config, TransformsConfig
+from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, PAIRS
+from laion_spark.storage import StageCounter, append, new_run_id, read_table, table_exists, table_path
+from laion_spark.transforms.dedup import (
+    DEDUP_KEY,
+    add_dedup_key,
+    dedup_key,
+    keep_first_per_key,
+    keep_new_or_earlier,
+    survivor_rank,
+)
+from laion_spark.transforms.language import detect_language, validate_languages
+from laion_spark.transforms.rules import (
+    DROPPED_BY,
+    active_rules,
+    apply_rules,
+    junk_text_regex,
+    mark_rule_failures,
+    rule_drop_columns,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "candidates"
+
+
+def build_candidates(pairs: DataFrame, existing: DataFrame, config: TransformsConfig | None = None) -> DataFrame:
+    """The rows ``pairs`` contributes to a ``candidates`` table holding ``existing``, with their language.
+
+    Pure: usable from a notebook on any frame with the pairs columns (``existing`` may be empty).
+    """
+    config = config or TransformsConfig()
+    return (
+        pairs.transform(apply_rules, config.rules)
+        .transform(add_dedup_key, config.dedup.mode)
+        .transform(keep_first_per_key)
+        .transform(keep_new_or_earlier, existing)
+        .transform(detect_language, config.language)
+        .select(*CANDIDATES_SCHEMA.fieldNames())
+    )
+
+
+def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str | None = None) -> StageCounter:
+    """Read ``pairs``, write the new candidates, record every step's rows in and out in ``stage_stats``."""
+    transforms = config.transforms
+    _validate(transforms)
+    counter = StageCounter(run_id or new_run_id(), STAGE)
+    pairs = read_table(spark, lake, PAIRS)
+
+    rows_in, rule_drops, batch_keys = _count_rules_and_keys(pairs, transforms)
+    rows = rows_in
+    for rule_name, dropped in rule_drops:
+        counter.add(rule_name, rows, rows - dropped)
+        rows -= dropped
+    counter.add("dedup_within_batch", rows, batch_keys)
+
+    if not table_exists(spark, lake, CANDIDATES):
+        append(spark.createDataFrame([], CANDIDATES_SCHEMA), lake, CANDIDATES)
+    existing = read_table(spark, lake, CANDIDATES)
+    inserted, replaced = _merge_candidates(build_candidates(pairs, existing, transforms), lake)
+    written = inserted + replaced
+    counter.add("dedup_against_lake", batch_keys, written)
+    counter.add("detect_language", written, written)
+    log.info("candidates: %d new keys, %d earlier survivors replaced later ones", inserted, replaced)
+
+    counter.write(spark, lake)
+    return counter
+
+
+def _validate(config: TransformsConfig) -> None:
+    """Configuration mistakes surface here as one sentence, before any Spark job starts."""
+    junk_text_regex(config.rules.junk_text_patterns)
+    dedup_key(F.col("url"), F.col("text"), config.dedup.mode)
+    validate_languages(config.language.languages)
+
+
+def _count_rules_and_keys(pairs: DataFrame, config: TransformsConfig) -> tuple[int, list[tuple[str, int]], int]:
+    marked = mark_rule_failures(pairs, config.rules)
+    survivor_key = F.when(F.col(DROPPED_BY).isNull(), dedup_key(F.col("url"), F.col("text"), config.dedup.mode))
+    row = marked.agg(
+        F.count(F.lit(1)).alias("rows_in"),
+        *rule_drop_columns(config.rules),
+        F.count_distinct(survivor_key).alias("batch_keys"),
+    ).first()
+    drops = [(rule.name, row[f"dropped_{rule.name}"]) for rule in active_rules(config.rules)]
+    return row["rows_in"], drops, row["batch_keys"]
+
+
+def _merge_candidates(rows: DataFrame, lake: str) -> tuple[int, int]:
+    """MERGE on ``dedup_key``: insert new keys, replace a stored row by an earlier survivor. (inserted, replaced)"""
+    spark = rows.sparkSession
+    target = DeltaTable.forPath(spark, table_path(lake, CANDIDATES))
+    version_before = _latest_version(target)
+    (
+        target.alias("target")
+        .merge(rows.alias("source"), F.col(f"target.{DEDUP_KEY}") == F.col(f"source.{DEDUP_KEY}"))
+        # Re-checked here, not only in keep_new_or_earlier, so a concurrent run can never replace an earlier row.
+        .whenMatchedUpdateAll(condition=survivor_rank("source.") < survivor_rank("target."))
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
+    last = target.history(1).select("version", "operation", "operationMetrics").first()
+    if last["version"] == version_before:
+        return 0, 0  # Delta commits nothing when a MERGE changes nothing
+    if last["operation"] != "MERGE":
+        log.warning("candidates: expected our MERGE as the latest commit, found %s", last["operation"])
+    metrics = last["operationMetrics"] or {}
+    return int(metrics.get("numTargetRowsInserted", 0)), int(metrics.get("numTargetRowsUpdated", 0))
+
+
+def _latest_version(table: DeltaTable) -> int:
+    return table.history(1).select("version").first()["version"]

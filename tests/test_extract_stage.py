@@ -1,0 +1,178 @@
+"""run_extract through a real local SparkSession: Delta tables read back, reruns, fallbacks, shared samples."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+from archives import WatPage, html_page, truncate, write_arc, write_warc, write_wat
+from pyspark.sql import functions as F
+
+from laion_spark.cli import main as cli_main
+from laion_spark.config import Config
+from laion_spark.extract import ExtractRules, FileStatus, extract_file, list_input_files, run_extract
+from laion_spark.extract.inputs import _list_hadoop
+from laion_spark.storage import read_table
+
+HTML = (
+    '<html><body><img src="/a.jpg" alt="a red circle"><IMG SRC="b.png" ALT="a blue &amp; green square"></body></html>'
+)
+
+
+def pages(n: int, prefix: str) -> list[WatPage]:
+    return [
+        WatPage(f"http://{prefix}{i}.example.com/p.html", [(f"i{j}.jpg", f"{prefix} image {i} {j}") for j in range(4)])
+        for i in range(n)
+    ]
+
+
+def expected_pairs(path: Path) -> int:
+    return next(i for i in extract_file(str(path), ExtractRules()) if isinstance(i, FileStatus)).pairs_emitted
+
+
+def delta(spark, lake: str, name: str):
+    return spark.read.format("delta").load(f"{lake}/{name}")
+
+
+def log_by_file(spark, lake: str) -> dict[str, tuple]:
+    rows = delta(spark, lake, "ingest_log").collect()
+    return {Path(r.source_file).name: (r.status, r.records_read, r.pairs_emitted, r.error, r.run_id) for r in rows}
+
+
+@pytest.fixture
+def crawl(tmp_path: Path) -> Path:
+    """A directory of archives in every shape, good and bad, plus a gzipped manifest of some of them."""
+    d = tmp_path / "crawl"
+    d.mkdir()
+    full = write_wat(d / "full.wat.gz", pages(30, "wat"))
+    write_wat(d / "plain.wat", pages(5, "plainwat"))
+    write_warc(d / "pages.warc", [html_page(f"http://site.example/{i}/", HTML) for i in range(4)])
+    write_arc(d / "old.arc.gz", [html_page("http://old.example/index.html", HTML)])
+    truncate(full, 0.5, d / "cut.wat.gz")
+    write_wat(d / "badjson.wat.gz", [*pages(2, "bj"), b'{"Envelope": "IMG@/src" ,,,'])
+    (d / "notes.warc.gz").write_bytes(b"this is a text file, not an archive\n")
+    manifest = tmp_path / "crawl.paths.gz"
+    manifest.write_bytes(gzip.compress(b"pages.warc\nold.arc.gz\nmissing.warc.gz\n# a comment\n\n"))
+    return d
+
+
+def test_extract_writes_delta_tables_and_reruns_are_idempotent(spark, lake, crawl, tmp_path):
+    config = Config()
+    config.extract.rows_per_batch = 16  # several Arrow batches per file
+    config.extract.manifest_prefix = str(crawl)
+    inputs = [str(crawl / "*.wat*"), str(tmp_path / "crawl.paths.gz"), str(crawl / "notes.warc.gz")]
+
+    result = run_extract(spark, config, lake, inputs, run_id="run-1")
+
+    log = log_by_file(spark, lake)
+    assert {name: row[0] for name, row in log.items()} == {
+        "full.wat.gz": "ok",
+        "plain.wat": "ok",
+        "pages.warc": "ok",
+        "old.arc.gz": "ok",
+        "cut.wat.gz": "partial",
+        "badjson.wat.gz": "partial",
+        "notes.warc.gz": "failed",
+        "missing.warc.gz": "failed",
+    }
+    assert "truncated" in log["cut.wat.gz"][3] and "JSONDecodeError" in log["badjson.wat.gz"][3]
+    assert "NotAnArchive" in log["notes.warc.gz"][3] and "FileNotFoundError" in log["missing.warc.gz"][3]
+    assert (result.files_ok, result.files_partial, result.files_failed, result.files_skipped) == (4, 2, 2, 0)
+
+    pairs = delta(spark, lake, "pairs")
+    per_file = {Path(r.source_file).name: r["count"] for r in pairs.groupBy("source_file").count().collect()}
+    for name in ("full.wat.gz", "plain.wat", "pages.warc", "old.arc.gz", "cut.wat.gz", "badjson.wat.gz"):
+        assert per_file[name] == log[name][2] == expected_pairs(crawl / name), name
+    assert per_file["full.wat.gz"] == 120 and 0 < per_file["cut.wat.gz"] < 120 and per_file["badjson.wat.gz"] == 8
+    assert result.pairs_written == pairs.count() == sum(row[2] for row in log.values())
+    assert pairs.where("url NOT RLIKE '^https?://'").count() == 0
+    assert pairs.where(F.length("text") < 5).count() == 0
+    arc_row = pairs.where("source_format = 'arc'").orderBy("url").first()
+    assert (arc_row.url, arc_row.text) == ("http://old.example/a.jpg", "a red circle")
+    assert arc_row.page_url == "http://old.example/index.html" and arc_row.crawl_date.year == 2024
+    assert set(delta(spark, lake, "pairs").schema.names) == {f.name for f in read_table(spark, lake, "pairs").schema}
+    assert not delta(spark, lake, "pairs").schema["uid"].nullable
+    stats = delta(spark, lake, "stage_stats").where("run_id = 'run-1' AND stage = 'extract'")
+    steps = {r.step: (r.rows_in, r.rows_out) for r in stats.collect()}
+    assert steps["files"] == (8, 6) and steps["pairs"][1] == result.pairs_written
+    assert steps["records"][0] == result.records_read > 0
+
+    # Rerun: ok files are skipped, partial and failed ones re-read, and nothing is duplicated.
+    again = run_extract(spark, config, lake, inputs, run_id="run-2")
+    assert again.files_skipped == 4 and again.files_read == 4
+    assert delta(spark, lake, "pairs").count() == result.pairs_written
+    assert (
+        log_by_file(spark, lake)["cut.wat.gz"][4] == "run-2" and log_by_file(spark, lake)["full.wat.gz"][4] == "run-1"
+    )
+
+    # The partial file is repaired upstream: its rows are replaced by the complete set.
+    shutil.copy(crawl / "full.wat.gz", crawl / "cut.wat.gz")
+    run_extract(spark, config, lake, [str(crawl / "cut.wat.gz")], run_id="run-3")
+    pairs = delta(spark, lake, "pairs")
+    cut_rows = pairs.where(F.col("source_file").endswith("cut.wat.gz"))
+    assert cut_rows.count() == cut_rows.select("uid").distinct().count() == 120
+    assert log_by_file(spark, lake)["cut.wat.gz"][0] == "ok"
+
+    # --force re-reads everything and still adds nothing.
+    total = pairs.count()
+    forced = run_extract(spark, config, lake, inputs, force=True, run_id="run-4")
+    assert forced.files_skipped == 0 and forced.files_read == 8
+    assert delta(spark, lake, "pairs").count() == total
+    assert delta(spark, lake, "ingest_log").count() == 8
+
+
+def test_spark_binary_file_fallback_matches_streaming(spark, tmp_path, crawl):
+    inputs = [str(crawl / "*")]
+    streamed_lake, fallback_lake = str(tmp_path / "streamed"), str(tmp_path / "fallback")
+    run_extract(spark, Config(), streamed_lake, inputs + [str(tmp_path / "missing.warc")])
+    config = Config()
+    config.extract.io = "spark"
+    result = run_extract(spark, config, fallback_lake, inputs + [str(tmp_path / "missing.warc")])
+
+    columns = ["uid", "url", "text", "page_url", "source_file", "record_offset", "crawl_date", "source_format"]
+    streamed = delta(spark, streamed_lake, "pairs").select(columns)
+    fallback = delta(spark, fallback_lake, "pairs").select(columns)
+    assert fallback.count() == streamed.count() > 0
+    assert fallback.exceptAll(streamed).count() == 0
+    statuses = {k: v[:3] for k, v in log_by_file(spark, fallback_lake).items()}
+    assert statuses == {k: v[:3] for k, v in log_by_file(spark, streamed_lake).items()}
+    assert statuses["missing.warc"][0] == "failed" and result.files_failed == 2
+
+
+def test_every_shared_warcio_sample_is_read_or_logged(spark, lake, warcio_samples):
+    result = run_extract(spark, Config(), lake, [str(warcio_samples / "*")])
+    log = log_by_file(spark, lake)
+    archives = [p.name for p in warcio_samples.iterdir() if ".arc" in p.name or ".warc" in p.name]
+    assert len(archives) >= 15 and set(archives) <= set(log)
+    for name in archives:
+        status, records_read, _, error, _ = log[name]
+        assert status == "ok" and records_read > 0 or status in ("partial", "failed") and error, name
+    # The licence and commit id that sit beside the archives are not archives: logged, not fatal.
+    assert log["LICENSE"][0] == "failed" and "NotAnArchive" in log["LICENSE"][3]
+    assert result.files_ok >= 12 and result.records_read >= 50
+
+
+def test_cli_extract_over_a_manifest(spark, lake, crawl, tmp_path, capsys):
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{crawl / 'plain.wat'}\n{crawl / 'pages.warc'}\n")
+    assert cli_main(["extract", "--input", str(manifest), "--lake", lake, "--set", "extract.rows_per_batch=3"]) == 0
+    assert "2 read: 2 ok" in capsys.readouterr().out
+    assert delta(spark, lake, "pairs").count() == 20 + 8
+
+
+def test_inputs_list_globs_directories_manifests_and_hadoop_uris(spark, crawl, tmp_path):
+    listed = list_input_files(spark, [str(crawl / "*.wat*"), str(crawl / "*.wat.gz"), str(crawl / "nope.warc")])
+    assert [Path(p).name for p in listed] == ["badjson.wat.gz", "cut.wat.gz", "full.wat.gz", "plain.wat", "nope.warc"]
+    assert len(list_input_files(spark, [str(crawl)])) == 7
+    manifest = list_input_files(spark, [str(tmp_path / "crawl.paths.gz")])
+    assert manifest == [str(tmp_path / n) for n in ("pages.warc", "old.arc.gz", "missing.warc.gz")]
+    assert list_input_files(spark, [str(tmp_path / "crawl.paths.gz")], manifest_prefix="s3a://bucket/x/")[0] == (
+        "s3a://bucket/x/pages.warc"
+    )
+    # Any scheme is listed by the JVM's Hadoop FileSystem; file: exercises that path here.
+    hadoop = _list_hadoop(spark, f"file://{crawl}/*.arc.gz")
+    assert hadoop == [f"file:{crawl}/old.arc.gz"]
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        list_input_files(spark, [str(crawl / "*.nothing")])
