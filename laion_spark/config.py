@@ -38,10 +38,11 @@ class ExtractConfig:
     """Archives -> pairs. Defaults follow LAION's extraction rules."""
 
     min_alt_chars: int = 5
-    max_alt_chars: int = 4096
-    max_url_chars: int = 2048
+    max_alt_chars: int = 4096  # longer alt text is cut to this length (the pair is kept)
+    max_url_chars: int = 2048  # longer URLs are dropped (a cut URL points elsewhere)
     allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
-    # fastwarc is several times faster than warcio on WARC/WAT; ARC files always go through warcio.
+    # fastwarc is ~2x faster than warcio on WAT (see bench/extract.py); ARC files always go through warcio, and
+    # "auto" re-reads a WARC with warcio when fastwarc stops on damage that warcio tolerates.
     reader: str = "auto"  # auto | fastwarc | warcio
     # How Python workers open input files: "auto" opens local/fsspec paths as streams and falls back to
     # Spark's binaryFile source for schemes only the JVM can read; "spark" forces that fallback.

@@ -116,7 +116,9 @@ def train(out: Path, steps: int, train_seeds: int, threads: int) -> dict[str, fl
 
     model.eval()
     # Half precision halves the file; open_clip's loader copies the weights back into fp32 parameters.
-    state_dict = {key: value.half() if value.is_floating_point() else value for key, value in model.state_dict().items()}
+    state_dict = {
+        key: value.half() if value.is_floating_point() else value for key, value in model.state_dict().items()
+    }
     torch.save(state_dict, out)
     return evaluate(config_path, out)
 
@@ -161,9 +163,11 @@ def evaluate(config_path: Path, checkpoint: Path, held_out_seeds: int = 3) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(".cache/models/tiny-clip/tiny_clip.pt"))
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--train-seeds", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 1 stays fast when other jobs share the cores"
+    )
     parser.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
     parser.add_argument("--evaluate", action="store_true", help="only report held-out separation of --out")
     args = parser.parse_args(argv)
@@ -178,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         started = time.perf_counter()
         report = train(args.out, args.steps, args.train_seeds, args.threads)
-        log.info("trained in %.0fs: %s (%.1f MB)", time.perf_counter() - started, args.out, args.out.stat().st_size / 1e6)
+        log.info(
+            "trained in %.0fs: %s (%.1f MB)", time.perf_counter() - started, args.out, args.out.stat().st_size / 1e6
+        )
     for key, value in report.items():
         print(f"{key:>45}: {value:.3f}")
     return 0

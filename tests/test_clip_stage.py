@@ -246,7 +246,8 @@ def test_top_k_percent_keeps_the_most_similar_pairs(spark, scored_lake):
     config.clip.top_k_percent = 25.0
     kept, considered = rebuild_dataset(spark, config, scored_lake["lake"])
     assert considered == 2 * len(KINDS)
-    assert kept == considered // 4
+    # An approximate quantile: the cut may let one tied or neighbouring pair through.
+    assert considered // 4 <= kept <= considered // 4 + 1
     dataset = read_table(spark, scored_lake["lake"], DATASET).collect()
     lowest_kept = min(row.similarity for row in dataset)
     ok = [row for row in scored_lake["embeddings"].values() if row.status == "ok"]

@@ -105,3 +105,30 @@ def test_html_charset_from_header_then_meta_then_utf8_then_fallback():
 
 def test_html_without_img_is_not_parsed():
     assert parse_html_page(b"<html><body><p>no images here</p></body></html>", None, "cp1252") is None
+
+
+def test_fast_url_paths_agree_with_urljoin():
+    from urllib.parse import urljoin
+
+    from laion_spark.extract import PageUrlResolver
+
+    sources = [
+        "/a.jpg",
+        "//cdn.x/a.jpg",
+        "http://x/a.jpg",
+        "HTTPS://X/a.jpg",
+        "a.jpg",
+        "../a.jpg",
+        "/a/../b.jpg",
+        "?q=1",
+        "",
+    ]
+    for page, base in [
+        ("http://example.com/d/p.html", None),
+        ("https://example.com/d/", "/static/"),
+        ("http://h:8080/x", None),
+    ]:
+        resolver = PageUrlResolver(page, base)
+        effective_base = urljoin(page, base) if base else page
+        for src in sources:
+            assert resolver.resolve(src) == urljoin(effective_base, src), (page, base, src)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from laion_spark.config import Config
 from laion_spark.schemas import CANDIDATES, PAIRS, PAIRS_SCHEMA, STAGE_STATS
 from laion_spark.storage import append, read_table
@@ -16,8 +18,15 @@ def pair(uid, url, text, source_file, offset, day):
 
 # Crawl of day 10: a duplicate within the file, and a few rows that the rules drop.
 FILE_A = [
-    pair("a-cat", "https://img.example/cat.jpg", "A black cat on a red sofa", "a.wat.gz", 100, 10),
-    pair("a-cat-again", "https://IMG.example/cat.jpg#zoom", "a black cat  on a red sofa", "a.wat.gz", 200, 10),
+    pair("a-cat", "https://img.example/cat.jpg", "A black cat sleeping on the old red sofa", "a.wat.gz", 100, 10),
+    pair(
+        "a-cat-again",
+        "https://IMG.example/cat.jpg#zoom",
+        "a black cat  sleeping on the OLD red sofa",
+        "a.wat.gz",
+        200,
+        10,
+    ),
     pair("a-bread", "https://img.example/bread.jpg", "Frisches Brot auf einem Holzbrett", "a.wat.gz", 300, 10),
     pair("a-junk", "https://img.example/x.jpg", "IMG_2034.jpg", "a.wat.gz", 400, 10),
     pair("a-short", "https://img.example/y.jpg", "ok", "a.wat.gz", 500, 10),
@@ -25,7 +34,7 @@ FILE_A = [
 ]
 # An older crawl (day 3) ingested later: it holds an earlier copy of the cat, a new pair and a repeat of bread.
 FILE_B = [
-    pair("b-cat", "https://img.example/cat.jpg", "A BLACK cat on a red sofa", "b.wat.gz", 50, 3),
+    pair("b-cat", "https://img.example/cat.jpg", "A BLACK cat sleeping on the old red sofa", "b.wat.gz", 50, 3),
     pair("b-tea", "https://img.example/tea.jpg", "Une tasse de thé vert sur la table", "b.wat.gz", 60, 3),
     pair("b-bread", "https://img.example/bread.jpg", "Frisches Brot auf einem Holzbrett", "b.wat.gz", 70, 11),
     pair("b-binary", "https://img.example/w.jpg", "\x00\x01\x02binary\ufffd", "b.wat.gz", 80, 3),
@@ -34,50 +43,79 @@ FILE_B = [
 
 def candidates_by_key(spark, lake):
     rows = read_table(spark, lake, CANDIDATES).collect()
+    assert len(rows) == len({r.dedup_key for r in rows}), "one row per key"
     return {r.dedup_key: r.asDict() for r in rows}
 
 
-def test_two_incremental_runs_equal_one_run_over_both_inputs(spark, lake, tmp_path):
+@pytest.fixture(scope="module")
+def scenario(spark, tmp_path_factory):
+    """Run the stage the way a lake grows (file A, then file B, then a rerun) and once over both files.
+
+    Built once per module: every run is a few Spark jobs and a Delta MERGE, and the 2-core machine is shared.
+    """
     config = Config()
-    append(spark.createDataFrame(FILE_A, PAIRS_SCHEMA), lake, PAIRS)
-    first = run_candidates(spark, config, lake, run_id="run-1")
-    after_first = candidates_by_key(spark, lake)
-    assert sorted(r["uid"] for r in after_first.values()) == ["a-bread", "a-cat"]
-    assert dict((step, out) for step, _, out in first.steps)["dedup_within_batch"] == 2
+    incremental = str(tmp_path_factory.mktemp("incremental"))
+    append(spark.createDataFrame(FILE_A, PAIRS_SCHEMA), incremental, PAIRS)
+    first = run_candidates(spark, config, incremental, run_id="run-1")
+    after_first = candidates_by_key(spark, incremental)
+    append(spark.createDataFrame(FILE_B, PAIRS_SCHEMA), incremental, PAIRS)
+    second = run_candidates(spark, config, incremental, run_id="run-2")
+    after_second = candidates_by_key(spark, incremental)
+    rerun = run_candidates(spark, config, incremental, run_id="run-3")
+    after_rerun = candidates_by_key(spark, incremental)
 
-    append(spark.createDataFrame(FILE_B, PAIRS_SCHEMA), lake, PAIRS)
-    second = run_candidates(spark, config, lake, run_id="run-2")
-    incremental = candidates_by_key(spark, lake)
-
-    once = str(tmp_path / "once")
+    once = str(tmp_path_factory.mktemp("once"))
     append(spark.createDataFrame(FILE_A + FILE_B, PAIRS_SCHEMA), once, PAIRS)
-    run_candidates(spark, config, once, run_id="once")
-    assert incremental == candidates_by_key(spark, once)
-    # the older crawl's cat replaced the later copy; bread keeps its day-10 row; one row per key
-    assert sorted(r["uid"] for r in incremental.values()) == ["a-bread", "b-cat", "b-tea"]
-    assert dict((step, (rows_in, out)) for step, rows_in, out in second.steps)["dedup_against_lake"] == (3, 2)
-
-    languages = {r["uid"]: r["language"] for r in incremental.values()}
-    assert languages == {"a-bread": "de", "b-cat": "en", "b-tea": "fr"}
-    assert all(0.0 < r["language_confidence"] <= 1.0 for r in incremental.values())
-
-
-def test_rerun_without_new_pairs_adds_nothing_and_keeps_the_same_survivors(spark, lake):
-    config = Config()
-    append(spark.createDataFrame(FILE_A + FILE_B, PAIRS_SCHEMA), lake, PAIRS)
-    run_candidates(spark, config, lake, run_id="run-1")
-    before = candidates_by_key(spark, lake)
-    rerun = run_candidates(spark, config, lake, run_id="run-2")
-    assert candidates_by_key(spark, lake) == before
-    steps = {step: (rows_in, out) for step, rows_in, out in rerun.steps}
-    assert steps["dedup_against_lake"] == (3, 0)
-    assert steps["detect_language"] == (0, 0)
+    single = run_candidates(spark, config, once, run_id="once")
+    return {
+        "runs": {"first": first, "second": second, "rerun": rerun, "single": single},
+        "tables": {
+            "after_first": after_first,
+            "after_second": after_second,
+            "after_rerun": after_rerun,
+            "once": candidates_by_key(spark, once),
+        },
+        "once_lake": once,
+    }
 
 
-def test_every_step_and_rule_count_is_recorded_in_stage_stats(spark, lake):
-    append(spark.createDataFrame(FILE_A + FILE_B, PAIRS_SCHEMA), lake, PAIRS)
-    counter = run_candidates(spark, Config(), lake, run_id="funnel-run")
-    stats = read_table(spark, lake, STAGE_STATS).where("run_id = 'funnel-run'").orderBy("seq").collect()
+def steps(counter):
+    return {step: (rows_in, rows_out) for step, rows_in, rows_out in counter.steps}
+
+
+def uids(table):
+    return sorted(row["uid"] for row in table.values())
+
+
+def test_duplicates_within_a_file_leave_one_survivor(scenario):
+    assert uids(scenario["tables"]["after_first"]) == ["a-bread", "a-cat"]
+    assert steps(scenario["runs"]["first"])["dedup_within_batch"] == (3, 2)
+
+
+def test_two_incremental_runs_equal_one_run_over_both_inputs(scenario):
+    tables = scenario["tables"]
+    assert tables["after_second"] == tables["once"]
+    # across files and runs: the older crawl's cat, ingested later, replaced the day-10 copy; bread keeps the
+    # day-10 row of file A over file B's day-11 repeat
+    assert uids(tables["after_second"]) == ["a-bread", "b-cat", "b-tea"]
+    assert steps(scenario["runs"]["second"])["dedup_against_lake"] == (3, 2)
+
+
+def test_rerun_without_new_pairs_adds_nothing_and_keeps_the_same_survivors(scenario):
+    assert scenario["tables"]["after_rerun"] == scenario["tables"]["after_second"]
+    rerun = steps(scenario["runs"]["rerun"])
+    assert rerun["dedup_against_lake"] == (3, 0)
+    assert rerun["detect_language"] == (0, 0)
+
+
+def test_candidates_carry_language_and_confidence(scenario):
+    table = scenario["tables"]["once"]
+    assert {row["uid"]: row["language"] for row in table.values()} == {"a-bread": "de", "b-cat": "en", "b-tea": "fr"}
+    assert all(0.3 <= row["language_confidence"] <= 1.0 for row in table.values())
+
+
+def test_every_rule_and_step_count_is_recorded_in_stage_stats(spark, scenario):
+    stats = read_table(spark, scenario["once_lake"], STAGE_STATS).where("run_id = 'once'").orderBy("seq").collect()
     recorded = [(r.stage, r.step, r.rows_in, r.rows_out) for r in stats]
     assert recorded == [
         ("candidates", "missing_text", 10, 10),
@@ -91,5 +129,6 @@ def test_every_step_and_rule_count_is_recorded_in_stage_stats(spark, lake):
         ("candidates", "dedup_against_lake", 3, 3),
         ("candidates", "detect_language", 3, 3),
     ]
+    counter = scenario["runs"]["single"]
     assert counter.steps == [(step, rows_in, out) for _, step, rows_in, out in recorded]
     assert "junk_text" in counter.summary()

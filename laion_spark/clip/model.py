@@ -47,8 +47,8 @@ class ModelSpec:
         # Relative paths are resolved on the driver so that Python workers started elsewhere find the same files.
         return cls(
             name=clip.model,
-            pretrained=_absolute_if_local(clip.pretrained),
-            model_config=_absolute_if_local(clip.model_config),
+            pretrained=resolve_local_path(clip.pretrained),
+            model_config=resolve_local_path(clip.model_config),
             precision=clip.precision,
         )
 
@@ -128,7 +128,8 @@ class LoadedClip:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") else 0
+        """Width of the image embeddings (0 when the architecture does not say)."""
+        return int(getattr(getattr(self.model, "visual", None), "output_dim", 0) or 0)
 
     def _autocast(self):
         import torch
@@ -258,7 +259,8 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or "/" in value or Path(value).suffix in {".pt", ".pth", ".bin", ".safetensors", ".npz"}
 
 
-def _absolute_if_local(value: str) -> str:
+def resolve_local_path(value: str) -> str:
+    """An absolute path for a local file path; tags, names and URIs unchanged."""
     if value and "://" not in value and _looks_like_path(value):
         return str(Path(value).expanduser().absolute())
     return value

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
-from laion_spark.clip.model import LoadedClip, ModelSpec, clip_model, task_device
+from laion_spark.clip.model import LoadedClip, ModelSpec, clip_model, resolve_local_path, task_device
 from laion_spark.clip.nsfw import nsfw_detector, punsafe, zero_shot_tags
 from laion_spark.config import ClipConfig, ConfigError
 
@@ -75,8 +75,6 @@ class ScoringSettings:
 
     @classmethod
     def from_config(cls, clip: ClipConfig) -> ScoringSettings:
-        from laion_spark.clip.model import _absolute_if_local
-
         if clip.batch_size < 1:
             raise ConfigError(f"clip.batch_size must be at least 1, got {clip.batch_size}")
         if clip.embedding_dtype not in ("float16", "float32"):
@@ -88,7 +86,7 @@ class ScoringSettings:
             embedding_dtype=clip.embedding_dtype,
             nsfw_prompts=tuple(clip.nsfw_prompts),
             safe_prompts=tuple(clip.safe_prompts),
-            nsfw_detector_path=_absolute_if_local(clip.nsfw_detector_path),
+            nsfw_detector_path=resolve_local_path(clip.nsfw_detector_path),
             load_log_dir=clip.load_log_dir,
         )
 

@@ -51,14 +51,12 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
     scored_uids = read_table(spark, lake, EMBEDDINGS, missing_ok=True).select("uid")
 
     successful = images.where(F.col("status") == "success")
-    with_text = successful.join(candidates.select("uid", "text"), "uid")
-    to_score = with_text.join(scored_uids, "uid", "left_anti")
-    successful_count = successful.count()
-    counter.add("images_in", images.count(), successful_count)
-    with_text_count = with_text.count()
-    counter.add("with_candidate_text", successful_count, with_text_count)
-    to_score_count = to_score.count()
-    counter.add("not_yet_scored", with_text_count, to_score_count)
+    to_score = successful.join(candidates.select("uid", "text"), "uid").join(scored_uids, "uid", "left_anti")
+    funnel = _input_funnel(images, candidates, scored_uids)
+    counter.add("images_in", funnel["images"], funnel["successful"])
+    counter.add("with_candidate_text", funnel["successful"], funnel["with_text"])
+    counter.add("not_yet_scored", funnel["with_text"], funnel["to_score"])
+    to_score_count = funnel["to_score"]
 
     if to_score_count:
         if clip.partitions > 0:
@@ -67,61 +65,48 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
         # Plain append: the anti-join above already left out every uid in the table, and a MERGE could
         # evaluate the (expensive) scoring plan twice.
         append(embeddings, lake, EMBEDDINGS)
-    by_status = _status_counts(read_table(spark, lake, EMBEDDINGS, missing_ok=True), run_id)
-    scored = by_status.get(OK, 0)
-    failed = by_status.get(FAILED_TO_DECODE, 0)
+    outcome = _run_outcome(read_table(spark, lake, EMBEDDINGS, missing_ok=True), run_id, clip.threshold)
+    failed = outcome["failed"]
     counter.add("failed_to_decode", to_score_count, to_score_count - failed)
-    counter.add("scored", to_score_count - failed, scored)
+    counter.add("scored", to_score_count - failed, outcome["scored"])
 
     if clip.top_k_percent > 0:
         kept, considered = rebuild_dataset(spark, config, lake)
         counter.add("top_k_percent", considered, kept)
     else:
-        new_rows = build_dataset(
-            read_table(spark, lake, EMBEDDINGS).where(F.col("run_id") == run_id),
+        counter.add("above_threshold", outcome["scored"], outcome["above_threshold"])
+        # Every passing pair that dataset lacks, not only this run's: a run that stopped between the two writes
+        # is completed by the next one. Only uid and score columns are read from embeddings.
+        passing = build_dataset(
+            read_table(spark, lake, EMBEDDINGS, missing_ok=True),
             images,
             candidates,
             F.col("similarity") >= F.lit(clip.threshold),
         )
-        kept = new_rows.count()
-        if kept:
-            merge_insert_new(new_rows, lake, DATASET, ["uid"])
-        counter.add("above_threshold", scored, kept)
+        merge_insert_new(passing, lake, DATASET, ["uid"])
     counter.write(spark, lake)
     return counter
 
 
 def to_embeddings_rows(scored: DataFrame, settings: ScoringSettings, run_id: str) -> DataFrame:
     """Scored rows -> the ``embeddings`` table's columns."""
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    return scored.select(
-        *[
-            F.lit(settings.embedding_dtype).alias(name)
-            if name == "embedding_dtype"
-            else F.lit(settings.spec.name).alias(name)
-            if name == "model"
-            else F.lit(run_id).alias(name)
-            if name == "run_id"
-            else F.lit(now).cast("timestamp").alias(name)
-            if name == "scored_at"
-            else F.col(name)
-            for name in EMBEDDINGS_SCHEMA.fieldNames()
-        ]
-    )
+    constants = {
+        "embedding_dtype": F.lit(settings.embedding_dtype),
+        "model": F.lit(settings.spec.name),
+        "run_id": F.lit(run_id),
+        "scored_at": F.lit(dt.datetime.now(dt.UTC).replace(tzinfo=None)).cast("timestamp"),
+    }
+    return scored.select([constants.get(name, F.col(name)).alias(name) for name in EMBEDDINGS_SCHEMA.fieldNames()])
 
 
 def build_dataset(embeddings: DataFrame, images: DataFrame, candidates: DataFrame, keep: Column) -> DataFrame:
     """Scored pairs that pass ``keep`` -> the ``dataset`` table's columns (url, size and language joined back)."""
-    passing = embeddings.where((F.col("status") == OK) & keep).select(
-        "uid", "similarity", "nsfw", "punsafe", "model"
-    )
+    passing = embeddings.where((F.col("status") == OK) & keep).select("uid", "similarity", "nsfw", "punsafe", "model")
     image_columns = images.where(F.col("status") == "success").select(
         "uid", "url", "width", "height", "original_width", "original_height"
     )
     joined = passing.join(image_columns, "uid").join(candidates.select("uid", "text", "language"), "uid")
-    return joined.select(
-        [F.col(f.name).cast(f.dataType).alias(f.name) for f in DATASET_SCHEMA.fields]
-    )
+    return joined.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in DATASET_SCHEMA.fields])
 
 
 def rebuild_dataset(spark: SparkSession, config: Config, lake: str) -> tuple[int, int]:
@@ -144,10 +129,35 @@ def rebuild_dataset(spark: SparkSession, config: Config, lake: str) -> tuple[int
     return read_table(spark, lake, DATASET).count(), considered
 
 
-def _status_counts(embeddings: DataFrame, run_id: str) -> dict[str, int]:
-    # A handful of (status, count) rows: collecting them is collecting stats, not data.
-    rows = embeddings.where(F.col("run_id") == run_id).groupBy("status").count().collect()
-    return {row["status"]: int(row["count"]) for row in rows}
+def _input_funnel(images: DataFrame, candidates: DataFrame, scored_uids: DataFrame) -> dict[str, int]:
+    """Rows at each input step, in one Spark job (only uid and status columns are read)."""
+    flags = (
+        images.select("uid", (F.col("status") == "success").alias("success"))
+        .join(candidates.select("uid", F.lit(True).alias("has_text")), "uid", "left")
+        .join(scored_uids.select("uid", F.lit(True).alias("was_scored")), "uid", "left")
+    )
+    with_text = F.col("success") & F.col("has_text").isNotNull()
+    row = flags.agg(
+        F.count(F.lit(1)).alias("images"),
+        F.count(F.when(F.col("success"), 1)).alias("successful"),
+        F.count(F.when(with_text, 1)).alias("with_text"),
+        F.count(F.when(with_text & F.col("was_scored").isNull(), 1)).alias("to_score"),
+    ).first()
+    return row.asDict()
+
+
+def _run_outcome(embeddings: DataFrame, run_id: str, threshold: float) -> dict[str, int]:
+    # One row of counts: collecting it is collecting stats, not data.
+    row = (
+        embeddings.where(F.col("run_id") == run_id)
+        .agg(
+            F.count(F.when(F.col("status") == OK, 1)).alias("scored"),
+            F.count(F.when(F.col("status") == FAILED_TO_DECODE, 1)).alias("failed"),
+            F.count(F.when((F.col("status") == OK) & (F.col("similarity") >= threshold), 1)).alias("above_threshold"),
+        )
+        .first()
+    )
+    return row.asDict()
 
 
 def _validate(clip: ClipConfig) -> None:

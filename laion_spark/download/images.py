@@ -167,7 +167,8 @@ def _resize(image: Image.Image, settings: ImageSettings) -> Image.Image:
     scale = _target_scale(width, height, settings)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     if new_size != image.size:
-        image = image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        # Bicubic, as CLIP's own preprocessing; Pillow antialiases it when shrinking, and it costs 2/3 of Lanczos.
+        image = image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     if settings.resize_mode == "center_crop":
         left = (image.width - size) // 2
         top = (image.height - size) // 2

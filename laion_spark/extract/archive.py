@@ -23,6 +23,10 @@ _SNIFF_BYTES = 64 * 1024
 _ARC_RECORD_LINE = re.compile(rb"^\S+ [0-9a-fA-F.:]+ \d{12,18} \S* ?-?\d+\s*$", re.MULTILINE)
 
 
+# WAT records without this JSON value have no images (see wat.py); checking for it first skips most records.
+WAT_IMAGE_MARKER = b'"IMG@/src"'
+
+
 class NotAnArchive(ValueError):
     """The file is readable but is neither WARC (WAT) nor ARC."""
 
@@ -191,7 +195,9 @@ def _iter_fastwarc(stream: TrackedStream, counts: ReadCounts, yielded: list[int]
         stream.forget_before(last_offset)
         record_type = record.record_type
         if record_type == metadata:
-            if "json" not in record.headers.get("Content-Type", ""):
+            # The image marker test comes before any header lookup: most WAT records fail it.
+            payload = record.reader.read()
+            if WAT_IMAGE_MARKER not in payload or "json" not in record.headers.get("Content-Type", ""):
                 continue
             source_format = "wat"
             charset = None
@@ -200,6 +206,7 @@ def _iter_fastwarc(stream: TrackedStream, counts: ReadCounts, yielded: list[int]
                 continue
             source_format = "warc"
             charset = record.http_charset
+            payload = record.reader.read()
         else:
             continue
         yielded[0] = last_offset
@@ -208,7 +215,7 @@ def _iter_fastwarc(stream: TrackedStream, counts: ReadCounts, yielded: list[int]
             last_offset,
             record.headers.get("WARC-Target-URI"),
             _utc_naive(record.record_date),
-            record.reader.read(),
+            payload,
             charset,
         )
     return last_offset

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import io
 import os
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -67,7 +66,7 @@ def open_input(path: str) -> BinaryIO:
     """A buffered binary stream over ``path``; raises OSError (FileNotFoundError, PermissionError, ...)."""
     local = local_path(path)
     if local is not None:
-        return open(local, "rb", buffering=_READ_BUFFER)  # noqa: SIM115 - the caller closes it
+        return open(local, "rb", buffering=_READ_BUFFER)  # the caller closes it
     import fsspec
 
     scheme = scheme_of(path)
@@ -149,7 +148,7 @@ def _read_manifest(spark: SparkSession, manifest: str, manifest_prefix: str) -> 
             raw = handle.read()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-        lines = io.StringIO(raw.decode("utf-8", "replace")).read().splitlines()
+        lines = raw.decode("utf-8", "replace").splitlines()
         default_prefix = os.path.dirname(os.path.abspath(local))
     else:
         # A manifest is a listing, not archive content: reading its lines on the driver is expected.

@@ -4,8 +4,8 @@ The driver lists files and reads the ingest log; it never opens an archive. Each
 a small DataFrame of paths, and ``mapInArrow`` streams it in a Python worker (worker.py), emitting pair rows
 in bounded batches and one status row per file in a single output schema. That output is persisted, so the
 extraction runs once while two tables are written from it: ``pairs`` with one ``replaceWhere`` commit over the
-files of this run (re-reading a partial file replaces its rows) and ``ingest_log`` with a MERGE on
-``source_file``.
+files of this run (re-reading a partial file replaces its rows), and ``ingest_log`` the same way, which upserts
+it by ``source_file`` without the join of a MERGE.
 
 Files that Python cannot open (a scheme with no fsspec implementation here, or ``extract.io: spark``) are read
 with Spark's ``binaryFile`` source instead: the whole file is then one in-memory value (not streamed, and
@@ -30,7 +30,7 @@ from laion_spark.config import Config, ExtractConfig
 from laion_spark.extract.inputs import list_input_files, python_can_open
 from laion_spark.extract.worker import OUTPUT_SCHEMA, PAIR, STATUS, ExtractRules, extract_partition
 from laion_spark.schemas import INGEST_LOG, INGEST_LOG_SCHEMA, PAIRS, PAIRS_SCHEMA
-from laion_spark.storage import StageCounter, new_run_id, read_table, replace_where, table_exists, table_path, upsert
+from laion_spark.storage import StageCounter, new_run_id, read_table, replace_where, table_exists, table_path
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,12 @@ def run_extract(
         output = extract_dataframe(spark, to_read, config.extract).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             _ensure_table(spark, lake, PAIRS, PAIRS_SCHEMA)
-            replace_where(pairs_from_output(output), lake, PAIRS, sql_in("source_file", to_read))
+            condition = sql_in("source_file", to_read)
+            replace_where(pairs_from_output(output), lake, PAIRS, condition)
+            # Replacing the log rows of exactly the files read is the upsert by source_file, as one cheap commit
+            # (a MERGE would join against the whole log).
             _ensure_table(spark, lake, INGEST_LOG, INGEST_LOG_SCHEMA)
-            upsert(ingest_log_from_output(output, result.run_id), lake, INGEST_LOG, ["source_file"])
+            replace_where(ingest_log_from_output(output, result.run_id), lake, INGEST_LOG, condition)
             _collect_totals(output, result, totals)
         finally:
             output.unpersist()
@@ -120,7 +123,8 @@ def extract_dataframe(spark: SparkSession, files: list[str], config: ExtractConf
     if config.reader not in ("auto", "fastwarc", "warcio"):
         raise ValueError(f"extract.reader must be 'auto', 'fastwarc' or 'warcio', got {config.reader!r}")
     streamed = [f for f in files if config.io == "auto" and python_can_open(f)]
-    by_spark = [f for f in files if f not in set(streamed)]
+    streamed_set = set(streamed)
+    by_spark = [f for f in files if f not in streamed_set]
     extract = functools.partial(extract_partition, rules=rules, rows_per_batch=config.rows_per_batch)
     frames = []
     if streamed:

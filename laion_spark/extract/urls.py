@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 from laion_spark.extract.text import normalize_text
@@ -10,6 +11,10 @@ from laion_spark.extract.text import normalize_text
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 # The WHATWG URL parser strips these before parsing; pages carry them from pretty-printed HTML.
 _STRIPPED = str.maketrans("", "", "\t\n\r")
+_ABSOLUTE_HTTP = re.compile(r"https?://")
+# Already in normal form: lower-case http(s) scheme and host, no port, userinfo, fragment or whitespace.
+_ALREADY_NORMAL = re.compile(r"https?://[a-z0-9.\-]+(?:[/?][^\s#]*)?\Z")
+_HAS_PATH = re.compile(r"https?://[^/?]+[/?]")
 
 
 def clean_target_uri(uri: str | None) -> str:
@@ -24,16 +29,45 @@ def clean_target_uri(uri: str | None) -> str:
 
 def resolve_url(src: str, page_url: str, base_href: str | None = None) -> str:
     """``src`` made absolute: against ``<base href>`` (itself resolved against the page), else the page URL."""
-    src = src.strip().translate(_STRIPPED)
-    base = page_url
-    if base_href:
-        base = urljoin(page_url, base_href.strip().translate(_STRIPPED))
-    if not base:
-        return src
-    try:
-        return urljoin(base, src)
-    except ValueError:  # e.g. an invalid IPv6 literal in the base
-        return src
+    return PageUrlResolver(page_url, base_href).resolve(src)
+
+
+class PageUrlResolver:
+    """Resolves the image URLs of one page: the base is worked out once, and the common shapes of ``src``
+    (absolute, host-relative, protocol-relative) skip ``urljoin``, which dominates extraction time otherwise."""
+
+    __slots__ = ("base", "scheme", "origin")
+
+    def __init__(self, page_url: str, base_href: str | None = None):
+        base = page_url
+        if base_href:
+            try:
+                base = urljoin(page_url, base_href.strip().translate(_STRIPPED))
+            except ValueError:
+                base = page_url
+        self.base = base
+        scheme, sep, rest = base.partition("://")
+        self.scheme = scheme.lower() if sep else ""
+        host_end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+        self.origin = f"{self.scheme}://{rest[:host_end]}" if sep else ""
+
+    def resolve(self, src: str) -> str:
+        src = src.strip()
+        if "\n" in src or "\t" in src or "\r" in src:
+            src = src.translate(_STRIPPED)
+        if _ABSOLUTE_HTTP.match(src):
+            return src  # urljoin returns an absolute URL unchanged too
+        if self.origin and "/." not in src:
+            if src.startswith("//"):
+                return self.scheme + ":" + src
+            if src.startswith("/"):
+                return self.origin + src
+        if not self.base:
+            return src
+        try:
+            return urljoin(self.base, src)
+        except ValueError:  # e.g. an invalid IPv6 literal
+            return src
 
 
 def normalize_url(url: str) -> str:
@@ -41,6 +75,8 @@ def normalize_url(url: str) -> str:
 
     The result still fetches the same resource, so it is what the ``pairs`` table stores.
     """
+    if _ALREADY_NORMAL.match(url):
+        return url if _HAS_PATH.match(url) else url + "/"
     url = url.strip().translate(_STRIPPED)
     try:
         parts = urlsplit(url)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-IMG_SRC_MARKER = b'"IMG@/src"'
+from laion_spark.extract.archive import WAT_IMAGE_MARKER as IMG_SRC_MARKER
 
 
 @dataclass(slots=True)

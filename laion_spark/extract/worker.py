@@ -21,7 +21,7 @@ from laion_spark.config import ExtractConfig
 from laion_spark.extract.archive import ArchiveRecord, NotAnArchive, ReadCounts, TrackedStream, iter_records
 from laion_spark.extract.inputs import open_input
 from laion_spark.extract.text import clean_alt_text
-from laion_spark.extract.urls import clean_target_uri, has_allowed_scheme, normalize_url, resolve_url
+from laion_spark.extract.urls import PageUrlResolver, clean_target_uri, has_allowed_scheme, normalize_url
 from laion_spark.extract.warc_html import parse_html_page
 from laion_spark.extract.wat import parse_wat_record
 
@@ -135,6 +135,7 @@ def extract_pairs(records: Iterable[ArchiveRecord], rules: ExtractRules, status:
             continue
         status.records_with_images += 1
         page_url = clean_target_uri(record.target_uri or getattr(page, "target_uri", None))
+        resolver = PageUrlResolver(page_url, page.base)
         for src, alt in page.images:
             status.images_found += 1
             if not alt:
@@ -145,7 +146,7 @@ def extract_pairs(records: Iterable[ArchiveRecord], rules: ExtractRules, status:
             status.images_with_alt += 1
             if len(text) > max_chars:
                 text = text[:max_chars].rstrip()
-            url = resolve_url(src, page_url, page.base)
+            url = resolver.resolve(src)
             if not has_allowed_scheme(url, schemes):
                 continue
             url = normalize_url(url)

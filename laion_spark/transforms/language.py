@@ -100,8 +100,11 @@ def detect_languages(texts: Iterable[str | None], config: LanguageConfig | None 
             results.append((NO_LANGUAGE, 0.0))
             continue
         best = values[0]
-        code = best.language.iso_code_639_1.name.lower() if best.value >= config.min_confidence else NO_LANGUAGE
-        results.append((code, float(best.value)))
+        # lingua's confidences wobble in the last bits with the order its models were loaded in; rounding
+        # makes a rerun produce the same table.
+        confidence = round(float(best.value), 4)
+        code = best.language.iso_code_639_1.name.lower() if confidence >= config.min_confidence else NO_LANGUAGE
+        results.append((code, confidence))
     return results
 
 
