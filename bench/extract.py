@@ -154,14 +154,15 @@ class WorkerRssPoller(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak_kb = 0
-        self._stop = threading.Event()
+        self._stopped = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stopped.wait(0.2):
             for pid in _descendants(os.getpid()):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                        if b"pyspark" not in handle.read():
+                        command = handle.read()
+                        if b"pyspark.daemon" not in command and b"pyspark.worker" not in command:
                             continue
                     with open(f"/proc/{pid}/status") as handle:
                         for line in handle:
@@ -171,7 +172,7 @@ class WorkerRssPoller(threading.Thread):
                     continue
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopped.set()
         self.join()
 
 
@@ -182,7 +183,14 @@ def through_spark(path: Path) -> dict:
 
     spark = build_local_session(
         SparkConfig(
-            master="local[1]", shuffle_partitions=1, conf={"spark.ui.enabled": "false", "spark.driver.memory": "2g"}
+            master="local[1]",
+            shuffle_partitions=1,
+            conf={
+                "spark.ui.enabled": "false",
+                "spark.ui.showConsoleProgress": "false",
+                "spark.driver.memory": "2g",
+                "spark.databricks.delta.snapshotPartitions": "1",
+            },
         )
     )
     lake = tempfile.mkdtemp(prefix="bench-extract-lake-")

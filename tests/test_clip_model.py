@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from pyspark.resource import ResourceInformation
@@ -30,6 +31,7 @@ from laion_spark.clip import (
     tiny_clip_settings,
     zero_shot_tags,
 )
+from laion_spark.clip.scoring import prefetch, prepare_model_batches
 from laion_spark.config import ClipConfig, ConfigError
 from laion_spark.demo import synthetic
 
@@ -168,3 +170,32 @@ def test_float16_embeddings_are_rounded_to_half_precision():
     assert rounded.dtype == np.float32
     assert np.array_equal(rounded, values.astype(np.float16).astype(np.float32))
     assert np.array_equal(round_embeddings(values, "float32"), values)
+
+
+def test_model_batches_are_regrouped_independently_of_arrow_batches(tiny_spec):
+    loaded = load_clip(tiny_spec)
+    jpeg = synthetic.encode(synthetic.draw(synthetic.all_kinds()[0], size=64, seed=1))
+    arrow_batches = [
+        pa.RecordBatch.from_pydict(
+            {"uid": [f"{b}-{i}" for i in range(2)], "image": [jpeg, b"broken" if b == 1 else jpeg], "text": ["x", "y"]}
+        )
+        for b in range(4)
+    ]
+    batches = list(prepare_model_batches(iter(arrow_batches), loaded, batch_size=3))
+    assert [len(batch.uids) for batch in batches] == [3, 3, 1]
+    assert [batch.pixels.shape[0] for batch in batches] == [3, 3, 1]
+    assert [uid for batch in batches for uid in batch.failed_uids] == ["1-1"]
+
+
+def test_prefetch_keeps_order_and_reraises_producer_errors():
+    assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise ValueError("decoder broke")
+
+    consumed = []
+    with pytest.raises(ValueError, match="decoder broke"):
+        for item in prefetch(failing(), depth=2):
+            consumed.append(item)
+    assert consumed == [1]

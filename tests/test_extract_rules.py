@@ -132,3 +132,20 @@ def test_fast_url_paths_agree_with_urljoin():
         effective_base = urljoin(page, base) if base else page
         for src in sources:
             assert resolver.resolve(src) == urljoin(effective_base, src), (page, base, src)
+
+
+def test_wat_image_link_shortcut_agrees_with_full_json_parse():
+    from laion_spark.extract.wat import _parse_whole_document
+
+    tricky = [
+        WatPage("http://e.com/", [("a.jpg", "alt with {braces} inside"), ("b.jpg", "plain")]),
+        WatPage("http://e.com/", [("a.jpg", 'quotes " and \\ backslash'), ("c.jpg", None)], base="/b/"),
+        WatPage("http://e.com/", [("a.jpg", "x")], other_links=[{"path": "A@/href", "url": "/", "text": "Base"}]),
+        WatPage("http://e.com/", [("a.jpg", "日本語 ünïcode")], base="http://other.example/"),
+    ]
+    for page in tricky:
+        payload = json.dumps(wat_json(page)).encode()
+        assert parse_wat_record(payload) == _parse_whole_document(payload)
+        assert parse_wat_record(payload).images == page.images
+    nested_base = json.dumps({"Envelope": {"Base": {"x": 1}, "Links": [{"path": "IMG@/src", "url": "u"}]}}).encode()
+    assert parse_wat_record(nested_base) == _parse_whole_document(nested_base)

@@ -2,7 +2,8 @@
 
 Incremental and idempotent: only uids that have no row in ``embeddings`` yet are scored, so a rerun scores
 nothing twice. Rows that fail to decode get a ``failed_to_decode`` row in ``embeddings`` (and are not retried).
-``dataset`` gets the new pairs at or above ``clip.threshold`` (MERGE on uid). In top-k% mode the cut depends on
+``dataset`` gets every pair at or above ``clip.threshold`` that it lacks (insert-only MERGE on uid, so a run that
+stopped between the two writes is completed by the next). In top-k% mode the cut depends on
 every score, so ``dataset`` is rebuilt from ``embeddings`` instead; :func:`rebuild_dataset` also re-cuts an
 existing lake after a threshold change, without rescoring.
 """

@@ -10,7 +10,14 @@ from laion_spark.extract.stage import (
     run_extract,
 )
 from laion_spark.extract.text import clean_alt_text, normalize_text
-from laion_spark.extract.urls import PageUrlResolver, has_allowed_scheme, normalize_url, pair_uid, resolve_url
+from laion_spark.extract.urls import (
+    PageUrlResolver,
+    allowed_image_url,
+    has_allowed_scheme,
+    normalize_url,
+    pair_uid,
+    resolve_url,
+)
 from laion_spark.extract.warc_html import decode_html, parse_html_page
 from laion_spark.extract.wat import parse_wat_record
 from laion_spark.extract.worker import OUTPUT_SCHEMA, ExtractRules, FileStatus, extract_file, extract_pairs
@@ -24,6 +31,7 @@ __all__ = [
     "ExtractRules",
     "FileStatus",
     "NotAnArchive",
+    "allowed_image_url",
     "clean_alt_text",
     "decode_html",
     "extract_dataframe",

@@ -26,7 +26,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from laion_spark.config import Config, ExtractConfig
+from laion_spark.config import Config, ConfigError, ExtractConfig
 from laion_spark.extract.inputs import list_input_files, python_can_open
 from laion_spark.extract.worker import OUTPUT_SCHEMA, PAIR, STATUS, ExtractRules, extract_partition
 from laion_spark.schemas import INGEST_LOG, INGEST_LOG_SCHEMA, PAIRS, PAIRS_SCHEMA
@@ -119,9 +119,11 @@ def extract_dataframe(spark: SparkSession, files: list[str], config: ExtractConf
     """Pair rows and one status row per file (``OUTPUT_SCHEMA``, column ``kind``), one Spark task per file."""
     rules = ExtractRules.from_config(config)
     if config.io not in ("auto", "spark"):
-        raise ValueError(f"extract.io must be 'auto' or 'spark', got {config.io!r}")
+        raise ConfigError(f"extract.io must be 'auto' or 'spark', got {config.io!r}")
     if config.reader not in ("auto", "fastwarc", "warcio"):
-        raise ValueError(f"extract.reader must be 'auto', 'fastwarc' or 'warcio', got {config.reader!r}")
+        raise ConfigError(f"extract.reader must be 'auto', 'fastwarc' or 'warcio', got {config.reader!r}")
+    if config.rows_per_batch < 1:
+        raise ConfigError(f"extract.rows_per_batch must be at least 1, got {config.rows_per_batch}")
     streamed = [f for f in files if config.io == "auto" and python_can_open(f)]
     streamed_set = set(streamed)
     by_spark = [f for f in files if f not in streamed_set]

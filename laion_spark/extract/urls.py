@@ -105,6 +105,17 @@ def has_allowed_scheme(url: str, allowed_schemes: frozenset[str] | set[str]) -> 
     return rest.startswith("//") and len(rest) > 2
 
 
+def allowed_image_url(url: str, allowed_schemes: frozenset[str] | set[str]) -> str | None:
+    """``url`` normalised, or None when its scheme is not allowed (LAION keeps http and https only)."""
+    if _ALREADY_NORMAL.match(url):  # the common case, without splitting the URL
+        if url[4] == ":" and "http" in allowed_schemes or url[4] == "s" and "https" in allowed_schemes:
+            return url if _HAS_PATH.match(url) else url + "/"
+        return None
+    if not has_allowed_scheme(url, allowed_schemes):
+        return None
+    return normalize_url(url)
+
+
 def pair_uid(url: str, text: str) -> str:
     """The stable id of a pair: sha1 hex of the normalised URL, a tab, and the normalised text."""
     key = normalize_url(url) + "\t" + normalize_text(text)

@@ -21,7 +21,7 @@ from laion_spark.config import ExtractConfig
 from laion_spark.extract.archive import ArchiveRecord, NotAnArchive, ReadCounts, TrackedStream, iter_records
 from laion_spark.extract.inputs import open_input
 from laion_spark.extract.text import clean_alt_text
-from laion_spark.extract.urls import PageUrlResolver, clean_target_uri, has_allowed_scheme, normalize_url
+from laion_spark.extract.urls import PageUrlResolver, allowed_image_url, clean_target_uri
 from laion_spark.extract.warc_html import parse_html_page
 from laion_spark.extract.wat import parse_wat_record
 
@@ -134,27 +134,27 @@ def extract_pairs(records: Iterable[ArchiveRecord], rules: ExtractRules, status:
         if page is None or not page.images:
             continue
         status.records_with_images += 1
+        status.images_found += len(page.images)
         page_url = clean_target_uri(record.target_uri or getattr(page, "target_uri", None))
         resolver = PageUrlResolver(page_url, page.base)
+        with_alt = emitted = 0
         for src, alt in page.images:
-            status.images_found += 1
             if not alt:
                 continue
             text = clean_alt_text(alt, decode_entities)
             if len(text) < min_chars:
                 continue
-            status.images_with_alt += 1
+            with_alt += 1
             if len(text) > max_chars:
                 text = text[:max_chars].rstrip()
-            url = resolver.resolve(src)
-            if not has_allowed_scheme(url, schemes):
+            url = allowed_image_url(resolver.resolve(src), schemes)
+            if url is None or len(url) > max_url:
                 continue
-            url = normalize_url(url)
-            if len(url) > max_url:
-                continue
+            emitted += 1
             uid = sha1((url + "\t" + text).encode("utf-8", "surrogatepass")).hexdigest()
-            status.pairs_emitted += 1
             yield uid, url, text, page_url or None, record.offset, record.date, record.source_format
+        status.images_with_alt += with_alt
+        status.pairs_emitted += emitted
 
 
 def extract_file(
@@ -180,7 +180,10 @@ def extract_file(
                     batch = []
     except NotAnArchive as exc:
         status.status, status.error = "failed", f"NotAnArchive: {exc}"
-    except Exception as exc:  # noqa: BLE001 - a damaged file is logged, never fatal
+    except BaseException as exc:  # noqa: BLE001 - a damaged file is logged, never fatal
+        # fastwarc reports some malformed input as a Rust panic, which is a BaseException; interrupts still stop.
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         status.status = "partial" if counts.records_read else "failed"
         status.error = " ".join(f"{type(exc).__name__}: {exc}".split())
     if batch:
