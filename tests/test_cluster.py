@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from archives import WatPage, write_wat
 from cluster import standalone_cluster
 

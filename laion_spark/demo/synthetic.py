@@ -46,7 +46,9 @@ class SyntheticImage:
 
 
 def all_kinds() -> list[SyntheticImage]:
-    return [SyntheticImage(c, s, b) for c in COLORS for s in SHAPES for b in BACKGROUNDS if c != "white" or b != "beige"]
+    return [
+        SyntheticImage(c, s, b) for c in COLORS for s in SHAPES for b in BACKGROUNDS if c != "white" or b != "beige"
+    ]
 
 
 def draw(kind: SyntheticImage, size: int = 320, seed: int = 0, noise: bool = True) -> Image.Image:
