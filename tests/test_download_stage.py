@@ -130,7 +130,7 @@ def test_download_writes_one_row_per_candidate_incrementally_and_safely(spark, l
         steps = {step: (rows_in, rows_out) for step, rows_in, rows_out in first.steps}
         assert steps["to_fetch"] == (len(pairs), len(pairs))
         assert steps[status.SUCCESS] == (len(pairs), 6)
-        assert steps[status.BLOCKED_ADDRESS] == (len(pairs), 2)
+        assert steps["status:" + status.BLOCKED_ADDRESS] == (len(pairs), 2)
         recorded = read_table(spark, lake, STAGE_STATS).where("run_id = 'first' AND stage = 'download'").count()
         assert recorded == len(first.steps)
 

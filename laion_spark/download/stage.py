@@ -141,7 +141,7 @@ def run_download(
     counter.add(status.SUCCESS, fetch_count, by_status.get(status.SUCCESS, 0))
     for name in status.ALL:
         if name != status.SUCCESS and by_status.get(name):
-            counter.add(name, fetch_count, by_status[name])
+            counter.add_outcome(name, fetch_count, by_status[name])
     counter.write(spark, lake)
     log.info("download: %d of %d candidates fetched, outcomes %s", fetch_count, wanted_count, by_status)
     return counter

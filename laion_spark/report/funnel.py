@@ -10,6 +10,7 @@ from pyspark.sql import SparkSession
 
 from laion_spark.schemas import CANDIDATES, DATASET, EMBEDDINGS, IMAGES, PAIRS
 from laion_spark.storage import read_funnel, read_table, table_exists
+from laion_spark.storage.stats import OUTCOME_PREFIX
 
 STAGE_ORDER = ["extract", "candidates", "download", "score"]
 TABLES_IN_FLOW = [PAIRS, CANDIDATES, IMAGES, EMBEDDINGS, DATASET]
@@ -29,6 +30,10 @@ def format_funnel(spark: SparkSession, lake: str, run_id: str | None = None) -> 
     width = max(len(f"{stage}.{step}") for stage, step, _, _ in rows)
     lines = [f"{'stage.step':<{width}}  {'rows in':>12}  {'rows out':>12}  {'kept':>7}"]
     for stage, step, rows_in, rows_out in rows:
+        if step.startswith(OUTCOME_PREFIX):  # a breakdown of the step above, e.g. download.status:too_small
+            label = f"  {step}"
+            lines.append(f"{label:<{width}}  {'':>12}  {rows_out:>12,}  {'':>7}")
+            continue
         kept = f"{100.0 * rows_out / rows_in:6.1f}%" if rows_in else "     - "
         lines.append(f"{stage + '.' + step:<{width}}  {rows_in:>12,}  {rows_out:>12,}  {kept:>7}")
     totals = [

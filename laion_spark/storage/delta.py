@@ -45,36 +45,23 @@ def replace_where(df: DataFrame, lake: str, name: str, condition: str) -> None:
     df.write.format("delta").mode("overwrite").option("replaceWhere", condition).save(table_path(lake, name))
 
 
-def _merge_condition(keys: list[str]) -> str:
-    return " AND ".join(f"target.`{k}` <=> source.`{k}`" for k in keys)
-
-
 def upsert(df: DataFrame, lake: str, name: str, keys: list[str]) -> None:
     """MERGE: update rows whose ``keys`` match, insert the others. ``df`` must be unique on ``keys``."""
-    spark = df.sparkSession
-    if not table_exists(spark, lake, name):
-        append(df, lake, name)
-        return
-    (
-        DeltaTable.forPath(spark, table_path(lake, name))
-        .alias("target")
-        .merge(df.alias("source"), _merge_condition(keys))
-        .whenMatchedUpdateAll()
-        .whenNotMatchedInsertAll()
-        .execute()
-    )
+    _merge(df, lake, name, keys, update_matched=True)
 
 
 def merge_insert_new(df: DataFrame, lake: str, name: str, keys: list[str]) -> None:
     """MERGE that only inserts rows whose ``keys`` are not in the table yet (incremental, idempotent)."""
+    _merge(df, lake, name, keys, update_matched=False)
+
+
+def _merge(df: DataFrame, lake: str, name: str, keys: list[str], update_matched: bool) -> None:
     spark = df.sparkSession
     if not table_exists(spark, lake, name):
         append(df, lake, name)
         return
-    (
-        DeltaTable.forPath(spark, table_path(lake, name))
-        .alias("target")
-        .merge(df.alias("source"), _merge_condition(keys))
-        .whenNotMatchedInsertAll()
-        .execute()
-    )
+    condition = " AND ".join(f"target.`{k}` <=> source.`{k}`" for k in keys)
+    merge = DeltaTable.forPath(spark, table_path(lake, name)).alias("target").merge(df.alias("source"), condition)
+    if update_matched:
+        merge = merge.whenMatchedUpdateAll()
+    merge.whenNotMatchedInsertAll().execute()

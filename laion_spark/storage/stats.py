@@ -15,6 +15,9 @@ from pyspark.sql import SparkSession
 from laion_spark.schemas import STAGE_STATS, STAGE_STATS_SCHEMA
 from laion_spark.storage.delta import append, read_table, table_exists
 
+# Steps named "status:<outcome>" break the previous step down by outcome; the funnel prints them as such.
+OUTCOME_PREFIX = "status:"
+
 
 def new_run_id() -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -31,6 +34,10 @@ class StageCounter:
 
     def add(self, step: str, rows_in: int, rows_out: int) -> None:
         self.steps.append((step, int(rows_in), int(rows_out)))
+
+    def add_outcome(self, outcome: str, rows_in: int, rows: int) -> None:
+        """Record how many of ``rows_in`` ended with ``outcome`` (a breakdown, not a funnel step)."""
+        self.add(f"{OUTCOME_PREFIX}{outcome}", rows_in, rows)
 
     def write(self, spark: SparkSession, lake: str) -> None:
         if not self.steps:
