@@ -223,6 +223,12 @@ def apply_override(config: Config, override: str) -> None:
     for i, part in enumerate(parts[:-1]):
         if not dataclasses.is_dataclass(target) or part not in _field_names(type(target)):
             raise ConfigError(f"--set: unknown key '{'.'.join(parts[: i + 1])}'")
+        if isinstance(getattr(target, part), dict):
+            # A mapping such as spark.conf: the rest of the dotted name is one key (spark.driver.memory).
+            hint = typing.get_type_hints(type(target))[part]
+            merged = {**getattr(target, part), ".".join(parts[i + 1 :]): value}
+            setattr(target, part, _coerce(hint, merged, ".".join(parts[: i + 1]), "--set"))
+            return
         target = getattr(target, part)
     leaf = parts[-1]
     if not dataclasses.is_dataclass(target) or leaf not in _field_names(type(target)):

@@ -44,7 +44,7 @@ def build_local_session(spark_config: SparkConfig) -> SparkSession:
     elif "spark.jars.packages" not in spark_config.conf:
         raise RuntimeError(
             "Delta Lake jars are not cached. Run `make setup` (or `python -m laion_spark.jars fetch`) once "
-            "with network access, or set spark.conf.spark.jars.packages to io.delta:delta-spark_2.13:4.0.1."
+            "with network access, or pass --set spark.conf.spark.jars.packages=io.delta:delta-spark_2.13:4.0.1 (needs network)."
         )
     # Executors started by a standalone master or local-cluster must find the same Python.
     os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON") or _current_python())

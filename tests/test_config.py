@@ -89,3 +89,8 @@ def test_bad_override_is_a_clear_error():
         load_config(None, ["download.threads"])
     with pytest.raises(ConfigError, match="download.threads"):
         load_config(None, ["download.threads=[1, 2]"])
+
+
+def test_set_reaches_into_mappings_such_as_spark_conf():
+    config = load_config(None, ["spark.conf.spark.driver.memory=6g", "spark.conf.spark.sql.shuffle.partitions=16"])
+    assert config.spark.conf == {"spark.driver.memory": "6g", "spark.sql.shuffle.partitions": "16"}
