@@ -27,8 +27,9 @@ def run_demo(workdir: Path, config_path: Path = DEFAULT_CONFIG, overrides: list[
     from laion_spark.download.server import serve_synthetic_images
     from laion_spark.extract import run_extract
     from laion_spark.report import format_funnel
+    from laion_spark.schemas import DATASET
     from laion_spark.session import get_spark
-    from laion_spark.storage import new_run_id
+    from laion_spark.storage import new_run_id, read_table
     from laion_spark.transforms import run_candidates
 
     lake = workdir / "lake"
@@ -63,6 +64,9 @@ def run_demo(workdir: Path, config_path: Path = DEFAULT_CONFIG, overrides: list[
             print(result.summary())
             print(f"({name} took {time.monotonic() - started:.1f}s)", flush=True)
         funnel = format_funnel(spark, str(lake), run_id)
+        print("\n== a sample of the dataset ==")
+        dataset = read_table(spark, str(lake), DATASET)
+        dataset.orderBy("uid").select("text", "similarity", "language", "nsfw", "width", "height").show(8, truncate=50)
     finally:
         server.shutdown()
     print(f"\n== funnel (run {run_id}) ==\n{funnel}")
