@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
@@ -43,23 +43,26 @@ def user_agent(token: str = "") -> str:
 
 @dataclass(frozen=True)
 class FetchSettings:
-    """What a worker needs from ``DownloadConfig`` to fetch; hashable, so workers can cache one client per value."""
+    """What a worker needs from ``DownloadConfig`` to fetch; hashable, so workers can cache one client per value.
 
-    threads: int = 64
-    per_host_connections: int = 8
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 10.0
-    total_timeout_s: float = 30.0
-    max_body_bytes: int = 20 * 1024 * 1024
-    retries: int = 2
-    backoff_s: float = 0.5
-    max_redirects: int = 5
-    user_agent: str = field(default_factory=user_agent)
-    agent_tokens: tuple[str, ...] = (PRODUCT_TOKEN,)
-    honour_x_robots_tag: bool = True
-    disallowed_robots_values: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
-    ssrf_guard: bool = True
-    allowed_hosts: tuple[AllowedHost, ...] = ()
+    No defaults here: ``DownloadConfig`` holds them, and ``from_config`` is the one way to build these.
+    """
+
+    threads: int
+    per_host_connections: int
+    connect_timeout_s: float
+    read_timeout_s: float
+    total_timeout_s: float
+    max_body_bytes: int
+    retries: int
+    backoff_s: float
+    max_redirects: int
+    user_agent: str
+    agent_tokens: tuple[str, ...]
+    honour_x_robots_tag: bool
+    disallowed_robots_values: tuple[str, ...]
+    ssrf_guard: bool
+    allowed_hosts: tuple[AllowedHost, ...]
 
     @classmethod
     def from_config(cls, config: DownloadConfig) -> FetchSettings:
