@@ -217,6 +217,14 @@ def test_unreadable_file_is_failed(tmp_path):
     assert status.status == "failed" and "PermissionError" in status.error
 
 
+def test_path_that_cannot_be_read_as_a_file_is_failed(tmp_path):
+    # Holds for every user, root included: opening a directory fails at the OS level like an unreadable file.
+    path = tmp_path / "crawl.warc.gz"
+    path.mkdir()
+    pairs, status = run(path)
+    assert pairs == [] and status.status == "failed" and "IsADirectoryError" in status.error
+
+
 @pytest.mark.parametrize(
     "content",
     [
