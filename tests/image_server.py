@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import time
+from dataclasses import replace
 
 from PIL import Image
 
+from laion_spark.config import DownloadConfig
 from laion_spark.demo.synthetic import SyntheticImage, draw
 from laion_spark.download.server import ImageServer, SyntheticImageHandler, start_server
 
@@ -141,3 +143,21 @@ def start_hostile_server(other_server_url: str) -> HostileServer:
     server = start_server(HostileHandler, server_class=HostileServer)
     server.other_server_url = other_server_url
     return server  # type: ignore[return-value]
+
+
+# Short deadlines keep the hostile-server tests quick; the slow drip runs far longer than this.
+TOTAL_TIMEOUT_S = 1.5
+
+
+def quick_download_config(**changes) -> DownloadConfig:
+    """The download settings every download test starts from: small pool, 1 s timeouts, fast backoff."""
+    base = DownloadConfig(
+        threads=8,
+        connect_timeout_s=1.0,
+        read_timeout_s=1.0,
+        total_timeout_s=TOTAL_TIMEOUT_S,
+        max_body_bytes=2 * 1024 * 1024,
+        retries=2,
+        backoff_s=0.05,
+    )
+    return replace(base, **changes)

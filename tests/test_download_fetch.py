@@ -6,14 +6,12 @@ import time
 from dataclasses import replace
 
 import pytest
-from image_server import make_image, start_hostile_server
+from image_server import TOTAL_TIMEOUT_S, make_image, quick_download_config, start_hostile_server
 
-from laion_spark.config import DownloadConfig
 from laion_spark.download import status
 from laion_spark.download.fetch import Fetcher, FetchSettings
 from laion_spark.download.server import ImageServer, serve_synthetic_images
 
-TOTAL_TIMEOUT_S = 1.5
 # Scheduling jitter on a busy 2-core machine; a fetch that ignored the deadline would overrun by seconds.
 SLACK_S = 0.5
 
@@ -35,18 +33,8 @@ def servers():
 
 
 def _settings(hostile: ImageServer, **changes) -> FetchSettings:
-    config = DownloadConfig(
-        threads=8,
-        connect_timeout_s=1.0,
-        read_timeout_s=1.0,
-        total_timeout_s=TOTAL_TIMEOUT_S,
-        max_body_bytes=2 * 1024 * 1024,
-        retries=2,
-        backoff_s=0.05,
-        user_agent_token="test-run-42",
-        allowed_hosts=[f"127.0.0.1:{hostile.server_port}"],
-    )
-    return FetchSettings.from_config(replace(config, **changes))
+    changes = {"user_agent_token": "test-run-42", "allowed_hosts": [f"127.0.0.1:{hostile.server_port}"], **changes}
+    return FetchSettings.from_config(quick_download_config(**changes))
 
 
 @pytest.fixture

@@ -5,21 +5,23 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from dataclasses import replace
 
 import pytest
-from image_server import make_decompression_bomb, make_image, start_hostile_server
+from image_server import (
+    make_decompression_bomb,
+    make_image,
+    quick_download_config,
+    start_hostile_server,
+)
 from PIL import Image
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from laion_spark.config import Config, ConfigError, DownloadConfig
+from laion_spark.config import Config, ConfigError
 from laion_spark.download import run_download, status
 from laion_spark.download.server import serve_synthetic_images
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, IMAGES, STAGE_STATS
 from laion_spark.storage import append, read_table
-
-TOTAL_TIMEOUT_S = 1.5
 
 
 def _write_candidates(spark, lake: str, pairs: list[tuple[str, str]]) -> None:
@@ -31,16 +33,7 @@ def _write_candidates(spark, lake: str, pairs: list[tuple[str, str]]) -> None:
 
 
 def _config(**download) -> Config:
-    base = DownloadConfig(
-        threads=8,
-        connect_timeout_s=1.0,
-        read_timeout_s=1.0,
-        total_timeout_s=TOTAL_TIMEOUT_S,
-        max_body_bytes=2 * 1024 * 1024,
-        retries=2,
-        backoff_s=0.05,
-    )
-    return Config(download=replace(base, **download))
+    return Config(download=quick_download_config(**download))
 
 
 def _rows_by_url(spark, lake: str) -> dict[str, list]:

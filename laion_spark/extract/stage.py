@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-from delta.tables import DeltaTable
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -30,7 +29,14 @@ from laion_spark.config import Config, ConfigError, ExtractConfig
 from laion_spark.extract.inputs import list_input_files, python_can_open
 from laion_spark.extract.worker import OUTPUT_SCHEMA, PAIR, STATUS, ExtractRules, extract_partition
 from laion_spark.schemas import INGEST_LOG, INGEST_LOG_SCHEMA, PAIRS, PAIRS_SCHEMA
-from laion_spark.storage import StageCounter, new_run_id, read_table, replace_where, table_exists, table_path
+from laion_spark.storage import (
+    StageCounter,
+    ensure_table,
+    new_run_id,
+    read_table,
+    replace_where,
+    table_exists,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +100,12 @@ def run_extract(
     if to_read:
         output = extract_dataframe(spark, to_read, config.extract).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            _ensure_table(spark, lake, PAIRS, PAIRS_SCHEMA)
+            ensure_table(spark, lake, PAIRS, PAIRS_SCHEMA)
             condition = sql_in("source_file", to_read)
             replace_where(pairs_from_output(output), lake, PAIRS, condition)
             # Replacing the log rows of exactly the files read is the upsert by source_file, as one cheap commit
             # (a MERGE would join against the whole log).
-            _ensure_table(spark, lake, INGEST_LOG, INGEST_LOG_SCHEMA)
+            ensure_table(spark, lake, INGEST_LOG, INGEST_LOG_SCHEMA)
             replace_where(ingest_log_from_output(output, result.run_id), lake, INGEST_LOG, condition)
             _collect_totals(output, result, totals)
         finally:
@@ -155,13 +161,6 @@ def sql_in(column: str, values: list[str]) -> str:
 
 def _cast_to(schema: StructType) -> list:
     return [F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields]
-
-
-def _ensure_table(spark: SparkSession, lake: str, name: str, schema: StructType) -> None:
-    """Create the table empty with its declared schema, so NOT NULL columns stay NOT NULL in Delta."""
-    if not table_exists(spark, lake, name):
-        # DataFrameWriter.save would store every column as nullable; the builder keeps the declared schema.
-        DeltaTable.createIfNotExists(spark).location(table_path(lake, name)).addColumns(schema).execute()
 
 
 def _files_already_ok(spark: SparkSession, lake: str, files: list[str]) -> set[str]:

@@ -2,6 +2,7 @@
 
 from laion_spark.storage.delta import (
     append,
+    ensure_table,
     merge_insert_new,
     overwrite,
     read_table,
@@ -15,6 +16,7 @@ from laion_spark.storage.stats import StageCounter, new_run_id, read_funnel, rec
 __all__ = [
     "StageCounter",
     "append",
+    "ensure_table",
     "merge_insert_new",
     "new_run_id",
     "overwrite",

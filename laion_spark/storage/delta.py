@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import StructType
 
 from laion_spark.schemas import SCHEMAS
 
@@ -15,6 +16,13 @@ def table_path(lake: str, name: str) -> str:
 
 def table_exists(spark: SparkSession, lake: str, name: str) -> bool:
     return DeltaTable.isDeltaTable(spark, table_path(lake, name))
+
+
+def ensure_table(spark: SparkSession, lake: str, name: str, schema: StructType) -> None:
+    """Create the table empty with its declared schema, so NOT NULL columns stay NOT NULL in Delta."""
+    if not table_exists(spark, lake, name):
+        # DataFrameWriter.save would store every column as nullable; the builder keeps the declared schema.
+        DeltaTable.createIfNotExists(spark).location(table_path(lake, name)).addColumns(schema).execute()
 
 
 def read_table(spark: SparkSession, lake: str, name: str, missing_ok: bool = False) -> DataFrame:
