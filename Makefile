@@ -25,7 +25,7 @@ $(JARS_STAMP): $(STAMP) laion_spark/jars.py
 	$(PY) -m laion_spark.jars fetch
 	touch $@
 
-$(MODEL): $(STAMP) scripts/train_tiny_clip.py
+$(MODEL): $(STAMP) scripts/train_tiny_clip.py laion_spark/testing/synthetic.py
 	$(PY) scripts/train_tiny_clip.py --out $(MODEL)
 
 demo: setup
@@ -44,9 +44,9 @@ test: setup lint
 
 bench: setup
 	$(PY) bench/extract.py
-	$(PY) bench/transforms.py
+	$(PY) bench/candidates.py
 	$(PY) bench/download.py
-	$(PY) bench/clip.py
+	$(PY) bench/score.py
 
 clean:
 	rm -rf .cache/demo spark-warehouse metastore_db derby.log .pytest_cache

@@ -21,12 +21,12 @@ import time
 from PIL import Image
 
 from laion_spark.config import Config, DownloadConfig, SparkConfig
-from laion_spark.demo.synthetic import all_kinds, draw
 from laion_spark.download import Fetcher, FetchSettings, run_download, status
-from laion_spark.download.server import serve_synthetic_images
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, IMAGES
 from laion_spark.session import build_local_session
 from laion_spark.storage import append, read_table
+from laion_spark.testing.server import serve_synthetic_images
+from laion_spark.testing.synthetic import all_kinds, draw
 
 POOL_SIZE = 64
 IMAGE_SIDE = 640

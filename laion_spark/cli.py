@@ -105,7 +105,7 @@ def _run_extract(args: argparse.Namespace, config: Config) -> None:
 
 
 def _run_candidates(args: argparse.Namespace, config: Config) -> None:
-    from laion_spark.transforms import run_candidates
+    from laion_spark.candidates import run_candidates
 
     print(run_candidates(_spark(config), config, args.lake).summary())
 
@@ -117,7 +117,7 @@ def _run_download(args: argparse.Namespace, config: Config) -> None:
 
 
 def _run_score(args: argparse.Namespace, config: Config) -> None:
-    from laion_spark.clip import run_score
+    from laion_spark.score import run_score
 
     print(run_score(_spark(config), config, args.lake).summary())
 

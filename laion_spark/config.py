@@ -106,7 +106,7 @@ class LanguageConfig:
 
 
 @dataclass
-class TransformsConfig:
+class CandidatesConfig:
     rules: RulesConfig = field(default_factory=RulesConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
@@ -178,7 +178,7 @@ class ClipConfig:
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
-    transforms: TransformsConfig = field(default_factory=TransformsConfig)
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
 
@@ -313,7 +313,7 @@ __all__ = [
     "LanguageConfig",
     "RulesConfig",
     "SparkConfig",
-    "TransformsConfig",
+    "CandidatesConfig",
     "apply_override",
     "load_config",
     "to_dict",

@@ -33,6 +33,8 @@ PAIRS_SCHEMA = _schema(
     ("uid", StringType(), False),  # sha1 of normalised url + "\t" + normalised text
     ("url", StringType(), False),  # absolute http(s) image URL
     ("text", StringType(), False),  # alt text, entities decoded, whitespace collapsed
+    # text as dedup compares it: NFKC, casefolded, NFKC, whitespace collapsed (extract.text.text_key)
+    ("text_key", StringType(), False),
     ("page_url", StringType(), True),
     ("source_file", StringType(), False),
     ("record_offset", LongType(), True),  # byte offset of the WARC/WAT record in its (compressed) file
@@ -67,6 +69,7 @@ CANDIDATES_SCHEMA = _schema(
     ("dedup_key", StringType(), False),
     ("url", StringType(), False),
     ("text", StringType(), False),
+    ("text_key", StringType(), False),  # as in pairs; Spark's lower() + collapsed whitespace for frames without it
     ("page_url", StringType(), True),
     ("source_file", StringType(), False),
     ("record_offset", LongType(), True),

@@ -60,7 +60,7 @@ def image_tensors(kinds, seeds: range, preprocess):
     import torch
     from PIL import Image
 
-    from laion_spark.demo import synthetic
+    from laion_spark.testing import synthetic
 
     per_seed = []
     for seed in seeds:
@@ -77,7 +77,7 @@ def train(out: Path, steps: int, train_seeds: int, threads: int) -> dict[str, fl
     import torch
     import torch.nn.functional as F
 
-    from laion_spark.demo import synthetic
+    from laion_spark.testing import synthetic
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -128,7 +128,7 @@ def evaluate(config_path: Path, checkpoint: Path, held_out_seeds: int = 3) -> di
     import open_clip
     import torch
 
-    from laion_spark.demo import synthetic
+    from laion_spark.testing import synthetic
 
     open_clip.add_model_config(config_path)
     model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=str(checkpoint))

@@ -1,6 +1,6 @@
 """A real loopback HTTP server with the endpoints a hostile or broken web throws at the downloader.
 
-Built on :mod:`laion_spark.download.server` (threads, hit counter, ``/img/...`` synthetic images); the tests put the
+Built on :mod:`laion_spark.testing.server` (threads, hit counter, ``/img/...`` synthetic images); the tests put the
 images they make with Pillow into ``server.files`` and the server answers everything else from ``HOSTILE_PATHS``.
 """
 
@@ -13,8 +13,8 @@ from dataclasses import replace
 from PIL import Image
 
 from laion_spark.config import DownloadConfig
-from laion_spark.demo.synthetic import SyntheticImage, draw
-from laion_spark.download.server import ImageServer, SyntheticImageHandler, start_server
+from laion_spark.testing.server import ImageServer, SyntheticImageHandler, start_server
+from laion_spark.testing.synthetic import SyntheticImage, draw
 
 DRIP_INTERVAL_S = 0.2
 # Long enough to outlast any test timeout, short enough that a leaked handler thread ends on its own.

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from archives import WatPage, write_wat
 from cluster import standalone_cluster
+
+from laion_spark.testing.archives import WatPage, write_wat
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -40,11 +40,11 @@ def test_yaml_values_override_defaults(tmp_path):
 def test_set_overrides_parse_values_as_yaml(tmp_path):
     config = load_config(
         write(tmp_path, "clip:\n  threshold: 0.25\n"),
-        ["clip.threshold=0.3", "download.allowed_hosts=[a.example:8080, 10.0.0.0/8]", "transforms.dedup.mode=url"],
+        ["clip.threshold=0.3", "download.allowed_hosts=[a.example:8080, 10.0.0.0/8]", "candidates.dedup.mode=url"],
     )
     assert config.clip.threshold == pytest.approx(0.3)
     assert config.download.allowed_hosts == ["a.example:8080", "10.0.0.0/8"]
-    assert config.transforms.dedup.mode == "url"
+    assert config.candidates.dedup.mode == "url"
 
 
 def test_int_is_accepted_where_float_expected(tmp_path):
@@ -66,8 +66,8 @@ def test_wrong_type_names_key_and_file(tmp_path):
 
 
 def test_nested_unknown_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"transforms\.rules\.min_chars"):
-        load_config(write(tmp_path, "transforms:\n  rules:\n    min_chars: 3\n"))
+    with pytest.raises(ConfigError, match=r"candidates\.rules\.min_chars"):
+        load_config(write(tmp_path, "candidates:\n  rules:\n    min_chars: 3\n"))
 
 
 def test_unknown_section(tmp_path):

@@ -10,7 +10,7 @@ from image_server import TOTAL_TIMEOUT_S, make_image, quick_download_config, sta
 
 from laion_spark.download import status
 from laion_spark.download.fetch import Fetcher, FetchSettings
-from laion_spark.download.server import ImageServer, serve_synthetic_images
+from laion_spark.testing.server import ImageServer, serve_synthetic_images
 
 # Scheduling jitter on a busy 2-core machine; a fetch that ignored the deadline would overrun by seconds.
 SLACK_S = 0.5

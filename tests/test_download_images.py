@@ -10,9 +10,9 @@ import pytest
 from image_server import make_decompression_bomb, make_image
 from PIL import Image
 
-from laion_spark.demo.synthetic import SyntheticImage, draw
 from laion_spark.download import status
 from laion_spark.download.images import ImageSettings, process_image
+from laion_spark.testing.synthetic import SyntheticImage, draw
 
 SETTINGS = ImageSettings()
 

@@ -19,9 +19,9 @@ from warcio.warcwriter import WARCWriter
 
 from laion_spark.config import Config, ConfigError
 from laion_spark.download import run_download, status
-from laion_spark.download.server import serve_synthetic_images
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, IMAGES, STAGE_STATS
 from laion_spark.storage import append, read_table
+from laion_spark.testing.server import serve_synthetic_images
 
 
 def _write_candidates(spark, lake: str, pairs: list[tuple[str, str]]) -> None:

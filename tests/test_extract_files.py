@@ -8,9 +8,9 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from archives import WatPage, html_page, truncate, write_arc, write_warc, write_wat
 
 from laion_spark.extract import ExtractRules, FileStatus, extract_file
+from laion_spark.testing.archives import WatPage, html_page, truncate, write_arc, write_warc, write_wat
 
 RULES = ExtractRules()
 

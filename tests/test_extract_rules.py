@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-from archives import WatPage, wat_json
-
 from laion_spark.extract import (
     clean_alt_text,
     decode_html,
@@ -17,6 +15,7 @@ from laion_spark.extract import (
     parse_wat_record,
     resolve_url,
 )
+from laion_spark.testing.archives import WatPage, wat_json
 
 HTTP = frozenset({"http", "https"})
 

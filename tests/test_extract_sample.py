@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import collections
 
-from laion_spark.demo.sample import JUNK_ALTS, caption_in, write_sample_crawl
-from laion_spark.demo.synthetic import all_kinds
 from laion_spark.extract import ExtractRules, FileStatus, extract_file
+from laion_spark.testing.sample_crawl import JUNK_ALTS, caption_in, write_sample_crawl
+from laion_spark.testing.synthetic import all_kinds
 
 SITE = "http://127.0.0.1:8765"
 

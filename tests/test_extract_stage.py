@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from archives import WatPage, html_page, truncate, write_arc, write_warc, write_wat
 from pyspark.sql import functions as F
 
 from laion_spark.cli import main as cli_main
@@ -17,6 +16,7 @@ from laion_spark.config import Config
 from laion_spark.extract import ExtractRules, FileStatus, extract_file, list_input_files, pair_uid, run_extract
 from laion_spark.extract.inputs import _list_hadoop
 from laion_spark.schemas import PAIRS_SCHEMA
+from laion_spark.testing.archives import WatPage, html_page, truncate, write_arc, write_warc, write_wat
 
 HTML = (
     '<html><body><img src="/a.jpg" alt="a red circle"><IMG SRC="b.png" ALT="a blue &amp; green square"></body></html>'

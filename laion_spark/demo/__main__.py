@@ -21,16 +21,16 @@ DEFAULT_CONFIG = PROJECT_ROOT / "conf" / "demo.yaml"
 
 
 def run_demo(workdir: Path, config_path: Path = DEFAULT_CONFIG, overrides: list[str] | None = None) -> str:
-    from laion_spark.clip import run_score
-    from laion_spark.demo.sample import write_sample_crawl
+    from laion_spark.candidates import run_candidates
     from laion_spark.download import run_download
-    from laion_spark.download.server import serve_synthetic_images
     from laion_spark.extract import run_extract
     from laion_spark.report import format_funnel
     from laion_spark.schemas import DATASET
+    from laion_spark.score import run_score
     from laion_spark.session import get_spark
     from laion_spark.storage import new_run_id, read_table
-    from laion_spark.transforms import run_candidates
+    from laion_spark.testing.sample_crawl import write_sample_crawl
+    from laion_spark.testing.server import serve_synthetic_images
 
     lake = workdir / "lake"
     crawl = workdir / "crawl"

@@ -20,7 +20,6 @@ from laion_spark.download.safety import (
     parse_allowed_host,
     robots_disallows,
 )
-from laion_spark.download.server import ImageServer, serve_synthetic_images, synthetic_image_path
 from laion_spark.download.stage import fetch_images, images_from_archive, mark_settled, run_download, urls_to_fetch
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "FetchResult",
     "FetchSettings",
     "Fetcher",
-    "ImageServer",
     "ImageSettings",
     "ProcessedImage",
     "address_kind",
@@ -44,9 +42,7 @@ __all__ = [
     "process_image",
     "robots_disallows",
     "run_download",
-    "serve_synthetic_images",
     "status",
-    "synthetic_image_path",
     "urls_to_fetch",
     "user_agent",
 ]

@@ -24,6 +24,8 @@ from laion_spark.download.fetch import Fetcher, FetchResult, FetchSettings
 from laion_spark.download.images import ImageSettings, ProcessedImage, process_image
 from laion_spark.schemas import CANDIDATES, IMAGES, IMAGES_SCHEMA
 from laion_spark.storage import StageCounter, append, new_run_id, read_table, table_path, upsert
+from laion_spark.storage.files import deleted_afterwards
+from laion_spark.storage.stats import count_drops
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ ROWS_PER_BATCH = 256
 # Enough URLs per task that the thread pool stays busy, few enough that a lost task costs little to redo.
 URLS_PER_PARTITION = 20_000
 SOURCES = ("http", "archive")
+_FAILED_OUTCOMES = [name for name in status.ALL if name != status.SUCCESS]
 
 
 @functools.cache
@@ -106,9 +109,8 @@ def run_download(
     candidates = read_table(spark, lake, CANDIDATES)
     images = read_table(spark, lake, IMAGES, missing_ok=True)
     marked = mark_settled(candidates, images, retry_failed)
-    totals = marked.agg(F.count(F.lit(1)).alias("wanted"), F.count_if(~F.col("settled")).alias("open")).first()
-    wanted_count, fetch_count = int(totals["wanted"]), int(totals["open"] or 0)
-    counter.add("to_fetch", wanted_count, fetch_count)
+    wanted = counter.count_drops(marked, F.when(F.col("settled"), F.lit("to_fetch")), ["to_fetch"])
+    wanted_count, fetch_count = wanted.rows_in, wanted.rows_out
     if fetch_count == 0:
         counter.write(spark, lake)
         return counter
@@ -126,24 +128,22 @@ def run_download(
         fetched = images_from_archive(to_fetch, responses, fetch_settings, image_settings)
 
     staging = table_path(lake, f"_staging/download-{counter.run_id}")
-    fetched.write.mode("overwrite").parquet(staging)
-    try:
+    with deleted_afterwards(spark, staging):
+        fetched.write.mode("overwrite").parquet(staging)
         staged = spark.read.schema(IMAGES_SCHEMA).parquet(staging)
-        # A handful of (status, count) rows.
-        by_status = {row["status"]: row["count"] for row in staged.groupBy("status").count().collect()}
+        outcomes = count_drops(staged, F.when(F.col("status") != status.SUCCESS, F.col("status")), _FAILED_OUTCOMES)
         if retry_failed:
             upsert(staged, lake, IMAGES, ["uid", "url"])  # retried rows replace their failures
         else:
             # Every uid here was anti-joined against images: a plain append is the same as a MERGE, and cheaper.
             append(staged, lake, IMAGES)
-    finally:
-        _delete_path(spark, staging)
-    counter.add(status.SUCCESS, fetch_count, by_status.get(status.SUCCESS, 0))
-    for name in status.ALL:
-        if name != status.SUCCESS and by_status.get(name):
-            counter.add_outcome(name, fetch_count, by_status[name])
+    # Not a chain of filters: every URL ends with one outcome, so the failures are a breakdown of one step.
+    counter.add(status.SUCCESS, fetch_count, outcomes.rows_out)
+    for name, count in outcomes.dropped:
+        if count:
+            counter.add_outcome(name, fetch_count, count)
     counter.write(spark, lake)
-    log.info("download: %d of %d candidates fetched, outcomes %s", fetch_count, wanted_count, by_status)
+    log.info("download: %d of %d candidates fetched, %d succeeded", fetch_count, wanted_count, outcomes.rows_out)
     return counter
 
 
@@ -230,10 +230,3 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 def _text(value: object) -> str | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-
-
-def _delete_path(spark: SparkSession, path: str) -> None:
-    """Remove the staging directory through Hadoop's FileSystem, so that any lake URI works."""
-    jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-    hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hadoop_path, True)

@@ -9,7 +9,7 @@ from laion_spark.extract.stage import (
     pairs_from_output,
     run_extract,
 )
-from laion_spark.extract.text import clean_alt_text, normalize_text
+from laion_spark.extract.text import clean_alt_text, normalize_text, text_key
 from laion_spark.extract.urls import (
     PageUrlResolver,
     allowed_image_url,
@@ -52,4 +52,5 @@ __all__ = [
     "resolve_url",
     "run_extract",
     "sniff_format",
+    "text_key",
 ]

@@ -321,7 +321,7 @@ def _utc_naive(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
     if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
     return value
 
 

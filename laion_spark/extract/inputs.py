@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from pyspark.sql import SparkSession
 
+from laion_spark.storage.files import glob_files, list_directory
+
 MANIFEST_SUFFIXES = (".paths", ".paths.gz", ".txt", ".txt.gz", ".lst", ".manifest", ".manifest.gz")
 # Hadoop scheme -> fsspec protocol, where the names differ.
 FSSPEC_PROTOCOLS = {"s3a": "s3", "s3n": "s3", "abfss": "abfs", "wasbs": "abfs", "gs": "gcs"}
@@ -117,25 +119,15 @@ def _list_local(item: str) -> list[str]:
     return [os.path.abspath(path)]
 
 
-def _hadoop_fs(spark: SparkSession, uri: str):
-    jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(uri)
-    return hadoop_path, hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-
-
 def _list_hadoop(spark: SparkSession, item: str) -> list[str]:
-    hadoop_path, fs = _hadoop_fs(spark, item)
-    statuses = fs.globStatus(hadoop_path)
-    if statuses is None or len(statuses) == 0:
+    entries = glob_files(spark, item)
+    if not entries:
         if _has_glob(item):
             raise FileNotFoundError(f"--input {item}: no files match this pattern")
         return [item]
     files = []
-    for status in statuses:
-        if status.isDirectory():
-            files.extend(str(child.getPath().toString()) for child in fs.listStatus(status.getPath()) if child.isFile())
-        else:
-            files.append(str(status.getPath().toString()))
+    for entry in entries:
+        files.extend(list_directory(spark, entry.path) if entry.is_dir else [entry.path])
     return sorted(files)
 
 

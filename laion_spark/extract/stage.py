@@ -19,7 +19,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -37,10 +36,12 @@ from laion_spark.storage import (
     replace_where,
     table_exists,
 )
+from laion_spark.storage.files import cleanup_afterwards, qualified_file
 
 log = logging.getLogger(__name__)
 
 _PROBLEMS_SHOWN = 5
+_BINARY_FILE_MAX_LENGTH = "spark.sql.sources.binaryFile.maxLength"
 
 
 @dataclass
@@ -98,8 +99,9 @@ def run_extract(
     counter.add("files_not_yet_ok", len(files), len(to_read))
     totals = {"records_with_images": 0, "images_found": 0, "images_with_alt": 0}
     if to_read:
-        output = extract_dataframe(spark, to_read, config.extract).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
+        extracted = extract_dataframe(spark, to_read, config.extract).persist(StorageLevel.MEMORY_AND_DISK)
+        output = extracted.unionByName(_statuses_of_unread_files(spark, extracted, to_read))
+        with cleanup_afterwards(extracted.unpersist, "the cached extraction output"):
             ensure_table(spark, lake, PAIRS, PAIRS_SCHEMA)
             condition = sql_in("source_file", to_read)
             replace_where(pairs_from_output(output), lake, PAIRS, condition)
@@ -108,8 +110,6 @@ def run_extract(
             ensure_table(spark, lake, INGEST_LOG, INGEST_LOG_SCHEMA)
             replace_where(ingest_log_from_output(output, result.run_id), lake, INGEST_LOG, condition)
             _collect_totals(output, result, totals)
-        finally:
-            output.unpersist()
     counter.add("files", len(to_read), result.files_ok + result.files_partial)
     counter.add("records", result.records_read, totals["records_with_images"])
     counter.add("images_with_alt_text", totals["images_found"], totals["images_with_alt"])
@@ -189,52 +189,59 @@ def _collect_totals(output: DataFrame, result: ExtractResult, totals: dict[str, 
 def _extract_with_binary_file(
     spark: SparkSession, files: list[str], rules: ExtractRules, rows_per_batch: int
 ) -> DataFrame:
-    jvm = spark.sparkContext._jvm
-    hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
-    readable, missing = {}, []
+    """The ``binaryFile`` path. Every input ends with a status row: a file Spark lists but cannot read (above
+    binaryFile's length limit, an I/O or permission error, a directory) is logged ``failed``, never fatal."""
+    readable: dict[str, str] = {}
+    failed: list[tuple[str, str]] = []
     for source_file in files:
-        path = jvm.org.apache.hadoop.fs.Path(source_file)
-        fs = path.getFileSystem(hadoop_conf)
-        if fs.exists(path):
-            readable[str(fs.makeQualified(path).toString())] = source_file
+        qualified = qualified_file(spark, source_file)
+        if qualified is None:
+            failed.append((source_file, "FileNotFoundError: the file does not exist"))
         else:
-            missing.append(source_file)
+            readable[qualified] = source_file
     frames = []
     if readable:
-        content = spark.read.format("binaryFile").load(list(readable))
-        extract = functools.partial(
-            _extract_binary_partition, rules=rules, rows_per_batch=rows_per_batch, names=readable
+        names = spark.createDataFrame(list(readable.items()), "path string, source_file string")
+        max_length = int(spark.conf.get(_BINARY_FILE_MAX_LENGTH, str(2**31 - 1)))
+        # binaryFile applies a length filter before it reads a file, so a file above its limit is logged here
+        # instead of failing the job; ignoreCorruptFiles turns a read error into a missing row, which
+        # run_extract logs as failed (every file read gets a status row).
+        files_frame = spark.read.format("binaryFile").option("ignoreCorruptFiles", "true").load(list(readable))
+        content = files_frame.where(F.col("length") <= max_length).join(names, "path")
+        extract = functools.partial(extract_partition, rules=rules, rows_per_batch=rows_per_batch)
+        frames.append(content.select("source_file", "content").mapInArrow(extract, OUTPUT_SCHEMA))
+        too_long = files_frame.where(F.col("length") > max_length).select("path", "length").join(names, "path")
+        error = F.format_string(
+            f"binaryFile cannot read %d bytes (above {_BINARY_FILE_MAX_LENGTH} = %d)", "length", F.lit(max_length)
         )
-        frames.append(content.select("path", "content").mapInArrow(extract, OUTPUT_SCHEMA))
-    if missing:
-        rows = [
-            (
-                STATUS,
-                *[None] * 4,
-                f,
-                *[None] * 3,
-                "failed",
-                0,
-                0,
-                "FileNotFoundError: the file does not exist",
-                0.0,
-                0,
-                0,
-                0,
-            )
-            for f in missing
-        ]
-        frames.append(spark.createDataFrame(rows, OUTPUT_SCHEMA))
+        frames.append(_failed_status_rows(too_long.select("source_file", error.alias("error"))))
+    if failed:
+        frames.append(_failed_status_rows(spark.createDataFrame(failed, "source_file string, error string")))
     return functools.reduce(DataFrame.unionByName, frames)
 
 
-def _extract_binary_partition(batches, rules: ExtractRules, rows_per_batch: int, names: dict[str, str]):
-    for batch in batches:
-        renamed = pa.RecordBatch.from_arrays(
-            [
-                pa.array([names.get(p, p) for p in batch.column("path").to_pylist()], pa.string()),
-                batch.column("content"),
-            ],
-            names=["source_file", "content"],
-        )
-        yield from extract_partition(iter([renamed]), rules, rows_per_batch)
+def _statuses_of_unread_files(spark: SparkSession, output: DataFrame, files: list[str]) -> DataFrame:
+    """A ``failed`` status row for every file that got none (Spark skipped it as unreadable)."""
+    reported = output.where(F.col("kind") == STATUS).select("source_file")
+    unread = spark.createDataFrame([(f,) for f in files], "source_file string").join(
+        reported, "source_file", "left_anti"
+    )
+    return _failed_status_rows(
+        unread.withColumn("error", F.lit("Spark could not read the file (see the executor log)"))
+    )
+
+
+def _failed_status_rows(files: DataFrame) -> DataFrame:
+    """(source_file, error) -> ``failed`` status rows of ``OUTPUT_SCHEMA``."""
+    values = {"kind": F.lit(STATUS), "status": F.lit("failed"), "duration_s": F.lit(0.0)}
+    zero_counts = ("records_read", "pairs_emitted", "records_with_images", "images_found", "images_with_alt")
+    columns = []
+    for f in OUTPUT_SCHEMA.fields:
+        if f.name in ("source_file", "error"):
+            value = F.col(f.name)
+        elif f.name in zero_counts:
+            value = F.lit(0)
+        else:
+            value = values.get(f.name, F.lit(None))
+        columns.append(value.cast(f.dataType).alias(f.name))
+    return files.select(columns)

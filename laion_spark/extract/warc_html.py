@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 from dataclasses import dataclass
 
+import webencodings
 from selectolax.lexbor import LexborHTMLParser
 
 # The HTML5 encoding prescan looks at the first 1024 bytes for a <meta charset> or http-equiv declaration; it is
@@ -40,16 +42,26 @@ def parse_html_page(payload: bytes, http_charset: str | None, fallback_encoding:
 
 
 def decode_html(payload: bytes, http_charset: str | None, fallback_encoding: str) -> tuple[str, str]:
-    """(text, encoding used): the HTTP header's charset, then ``<meta>``, then UTF-8, then ``fallback_encoding``."""
-    for declared in (http_charset, _meta_charset(payload)):
-        encoding = _known_encoding(declared)
-        if encoding is not None:
-            return payload.decode(encoding, "replace"), encoding
+    """(text, codec used) as a browser decodes the page.
+
+    A UTF-8 byte order mark wins; then the charset of the HTTP header, then ``<meta>``, then UTF-8 if the bytes are
+    valid UTF-8, then ``fallback_encoding``. A label no one knows passes the choice on to the next source.
+    """
+    if payload.startswith(codecs.BOM_UTF8):
+        return payload[3:].decode("utf-8", "replace"), "utf-8"
+    for label, in_meta in ((http_charset, False), (_meta_charset(payload), True)):
+        codec = _browser_codec(label, in_meta) if label else None
+        if codec is not None and codec.name == "replacement":
+            # WHATWG's "replacement" encoding (ISO-2022-KR, HZ-GB-2312, ...): labels whose decoders let a page
+            # smuggle markup past filters, so a browser shows one U+FFFD instead of the page.
+            return ("\ufffd" if payload else ""), codec.name
+        if codec is not None:
+            return codec.decode(payload, "replace")[0], codec.name
     try:
         return payload.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        encoding = _known_encoding(fallback_encoding) or "cp1252"
-        return payload.decode(encoding, "replace"), encoding
+        codec = _fallback_codec(fallback_encoding)
+        return codec.decode(payload, "replace")[0], codec.name
 
 
 def _meta_charset(payload: bytes) -> str | None:
@@ -57,17 +69,48 @@ def _meta_charset(payload: bytes) -> str | None:
     return match.group(1).decode("ascii") if match else None
 
 
-def _known_encoding(name: str | None) -> str | None:
-    if not name:
+# WHATWG names an encoding after its legacy label, but decodes it with a wider table than the Python codec of that
+# name: its GBK is GB18030, its Shift_JIS has the NEC and IBM rows of Windows' cp932, its EUC-KR is Windows' UHC
+# (cp949), its Big5 includes HKSCS, and its windows-1252 is Python's cp1252 (Python's latin-1 has C1 controls where
+# pages mean curly quotes). The strict codecs turn characters such as 镕, ①, 髙 and 똠 into U+FFFD, and the pair is
+# then dropped as binary text. EUC-JP stays euc_jp: euc_jis_2004 reads rows 89-92 and 0x8F sequences as JIS X 0213
+# where browsers read the IBM extensions and JIS X 0212.
+_BROWSER_CODECS = {
+    "gbk": "gb18030",
+    "shift_jis": "cp932",
+    "euc-kr": "cp949",
+    "big5": "big5hkscs",
+    "windows-1252": "cp1252",
+    # A page is searched for b"<img" before it is decoded, so the pages that get here are ASCII-compatible and a
+    # UTF-16 label on them is a mistake; WHATWG reads it as UTF-8 in <meta>, and we do so in the header too.
+    "utf-16le": "utf-8",
+    "utf-16be": "utf-8",
+}
+
+
+@functools.lru_cache(maxsize=4096)  # a crawl has millions of pages and a few hundred distinct labels
+def _browser_codec(label: str, in_meta: bool) -> codecs.CodecInfo | None:
+    """The codec that decodes a page declared ``label`` as browsers do, or None for a label WHATWG does not know."""
+    label = label.strip().strip("\"'")
+    encoding = webencodings.lookup(label) if label.isascii() else None  # every WHATWG label is ASCII
+    if encoding is None:
         return None
-    try:
-        encoding = codecs.lookup(name.strip().strip("\"'")).name
-    except LookupError:
-        return None
-    # As browsers do (WHATWG Encoding): latin-1 labels mean windows-1252, and a UTF-16 declaration in an
-    # ASCII-compatible page is a lie.
-    if encoding in ("latin-1", "iso8859-1", "ascii"):
-        return "cp1252"
-    if encoding.startswith("utf-16"):
-        return "utf-8"
-    return encoding
+    name = encoding.name
+    if in_meta and name == "x-user-defined":
+        name = "windows-1252"  # WHATWG's prescan: x-user-defined is honoured from HTTP only
+    if name in _BROWSER_CODECS:
+        return codecs.lookup(_BROWSER_CODECS[name])
+    return encoding.codec_info
+
+
+@functools.lru_cache(maxsize=16)
+def _fallback_codec(name: str) -> codecs.CodecInfo:
+    """``extract.fallback_encoding`` read as a browser reads that label; a Python codec name WHATWG does not know
+    (``latin-1``, ``euc_jp``) is still the user's choice, and a name neither knows means windows-1252."""
+    codec = _browser_codec(name, False)
+    if codec is None:
+        try:
+            codec = codecs.lookup(name)
+        except LookupError:
+            codec = _browser_codec("windows-1252", False)
+    return codec

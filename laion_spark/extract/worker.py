@@ -20,7 +20,7 @@ from pyspark.sql.types import DoubleType, LongType, StringType, StructField, Str
 from laion_spark.config import ExtractConfig
 from laion_spark.extract.archive import ArchiveRecord, NotAnArchive, ReadCounts, TrackedStream, iter_records
 from laion_spark.extract.inputs import open_input
-from laion_spark.extract.text import clean_alt_text
+from laion_spark.extract.text import clean_alt_text, text_key
 from laion_spark.extract.urls import PageUrlResolver, allowed_image_url, clean_target_uri
 from laion_spark.extract.warc_html import parse_html_page
 from laion_spark.extract.wat import parse_wat_record
@@ -36,6 +36,7 @@ OUTPUT_SCHEMA = StructType(
         StructField("uid", StringType()),
         StructField("url", StringType()),
         StructField("text", StringType()),
+        StructField("text_key", StringType()),
         StructField("page_url", StringType()),
         StructField("source_file", StringType()),
         StructField("record_offset", LongType()),
@@ -61,7 +62,8 @@ ARROW_SCHEMA = pa.schema(
         for f in OUTPUT_SCHEMA.fields
     ]
 )
-_PAIR_COLUMNS = ("uid", "url", "text", "page_url", "record_offset", "crawl_date", "source_format")
+# The order of extract_pairs' tuples; text_key comes last so the positions of the older fields stay put.
+_PAIR_COLUMNS = ("uid", "url", "text", "page_url", "record_offset", "crawl_date", "source_format", "text_key")
 _MAX_ERRORS_KEPT = 3
 
 
@@ -111,7 +113,7 @@ class FileStatus:
 
 
 def extract_pairs(records: Iterable[ArchiveRecord], rules: ExtractRules, status: FileStatus) -> Iterator[tuple]:
-    """(uid, url, text, page_url, record_offset, crawl_date, source_format) for every pair the rules keep.
+    """(uid, url, text, page_url, record_offset, crawl_date, source_format, text_key) for every pair the rules keep.
 
     Records that cannot be parsed are counted on ``status`` and skipped; the rest of the file goes on.
     """
@@ -152,7 +154,8 @@ def extract_pairs(records: Iterable[ArchiveRecord], rules: ExtractRules, status:
                 continue
             emitted += 1
             uid = sha1((url + "\t" + text).encode("utf-8", "surrogatepass")).hexdigest()
-            yield uid, url, text, page_url or None, record.offset, record.date, record.source_format
+            key = text_key(text)
+            yield uid, url, text, page_url or None, record.offset, record.date, record.source_format, key
         status.images_with_alt += with_alt
         status.pairs_emitted += emitted
 

@@ -1,9 +1,15 @@
-"""Exact dedup on (normalised URL, normalised text), within a batch and against the candidates in the lake.
+"""Exact dedup on (normalised URL, folded text), within a batch and against the candidates in the lake.
 
-The key is built from Spark SQL functions only (no Python UDF): the JVM normalises and hashes a billion rows
-without shipping them to Python. The survivor of a key is the first row in :func:`survivor_order`: earliest
-crawl, then smallest source file, then smallest record offset, then the remaining columns, so the choice is
-a total order and reruns pick the same row whatever the partitioning.
+The key hashes :func:`dedup_url` of the URL and the ``text_key`` column: the alt text after NFKC and full case
+folding, which the extraction worker computes because Spark SQL can do neither (no NFKC, and ``lower`` is not
+a casefold: it keeps ``ß`` and full-width letters). A frame without ``text_key`` (a notebook frame of url and
+text only) falls back to :func:`dedup_text`, Spark's ``lower`` with whitespace collapsed: the same key for
+ASCII text, a finer one for the rest. Everything else is Spark SQL functions only (no Python UDF): the JVM
+normalises and hashes a billion rows without shipping them to Python.
+
+The survivor of a key is the first row in :func:`survivor_order`: earliest crawl, then smallest source file,
+then smallest record offset, then the remaining columns, so the choice is a total order and reruns pick the
+same row whatever the partitioning.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pyspark.sql import functions as F
 from laion_spark.config import ConfigError
 
 DEDUP_KEY = "dedup_key"
+TEXT_KEY = "text_key"
 MODES = ("url_text", "url")
 
 _LATEST = "9999-12-31 23:59:59"
@@ -21,8 +28,8 @@ _MAX_LONG = 2**63 - 1
 _URL_PARTS = r"^([A-Za-z][A-Za-z0-9+.\-]*)://([^@/?#]*@)?([^/?#]*)([^#]*)"
 
 
-def normalize_url(url: Column) -> Column:
-    """Lowercase scheme and host, drop the default port and the fragment, give an empty path its ``/``.
+def dedup_url(url: Column) -> Column:
+    """The URL as the dedup key sees it: lowercase scheme and host, drop the default port and the fragment, give an empty path its ``/``.
 
     The path and query keep their case: servers treat them as case-sensitive. A string that is not an
     absolute URL is only trimmed and stripped of its fragment.
@@ -42,22 +49,40 @@ def normalize_url(url: Column) -> Column:
     return F.when(trimmed.rlike(_URL_PARTS), absolute).otherwise(F.regexp_replace(trimmed, "#.*$", ""))
 
 
-def normalize_text(text: Column) -> Column:
-    """Casefold, collapse every run of (Unicode) whitespace to one space, trim."""
+def dedup_text(text: Column) -> Column:
+    """The fallback ``text_key`` for frames without one: lowercase, every run of whitespace one space, trimmed.
+
+    Equal to the extractor's ``text_key`` for ASCII text; for the rest it folds less (Spark's ``lower`` is
+    neither NFKC nor a full casefold), so ``Straße`` and ``STRASSE`` stay two keys.
+    """
     return F.trim(F.regexp_replace(F.lower(text), r"(?U)\s+", " "))
 
 
-def dedup_key(url: Column, text: Column, mode: str = "url_text") -> Column:
-    """sha1 hex of the normalised URL (mode ``url``) or of URL and text (mode ``url_text``)."""
+def text_key_of(df: DataFrame) -> Column:
+    """``df``'s ``text_key`` column, or :func:`dedup_text` of its ``text`` when it has none."""
+    return F.col(TEXT_KEY) if TEXT_KEY in df.columns else dedup_text(F.col("text"))
+
+
+def add_text_key(df: DataFrame) -> DataFrame:
+    """``df`` with a ``text_key`` column: kept when present, else :func:`dedup_text` of ``text``."""
+    return df if TEXT_KEY in df.columns else df.withColumn(TEXT_KEY, dedup_text(F.col("text")))
+
+
+def dedup_key(url: Column, text_key: Column, mode: str = "url_text") -> Column:
+    """sha1 hex of the normalised URL (mode ``url``) or of it and the folded text (mode ``url_text``).
+
+    ``text_key`` is hashed as given: the ``text_key`` column, or :func:`dedup_text` of the text.
+    """
     if mode == "url_text":
-        return F.sha1(F.concat_ws("\t", normalize_url(url), normalize_text(text)))
+        return F.sha1(F.concat_ws("\t", dedup_url(url), text_key))
     if mode == "url":
-        return F.sha1(normalize_url(url))
-    raise ConfigError(f"transforms.dedup.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        return F.sha1(dedup_url(url))
+    raise ConfigError(f"candidates.dedup.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
 def add_dedup_key(df: DataFrame, mode: str = "url_text") -> DataFrame:
-    return df.withColumn(DEDUP_KEY, dedup_key(F.col("url"), F.col("text"), mode))
+    """``df`` with ``dedup_key``, from its ``url`` and its ``text_key`` (or its ``text``, see :func:`text_key_of`)."""
+    return df.withColumn(DEDUP_KEY, dedup_key(F.col("url"), text_key_of(df), mode))
 
 
 def survivor_order(prefix: str = "") -> list[Column]:

@@ -10,6 +10,7 @@ import io
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -79,7 +80,11 @@ def draw(kind: SyntheticImage, size: int = 320, seed: int = 0, noise: bool = Tru
         pen.rectangle((cx - radius, cy - bar, cx + radius, cy + bar), fill=fill)
         pen.rectangle((cx - bar, cy - radius, cx + bar, cy + radius), fill=fill)
     if noise:
-        grain = Image.effect_noise((size, size), rng.uniform(8, 20)).convert("RGB")
+        # Pillow's effect_noise draws from the C library's unseeded rand(): the grain would differ on every
+        # call, and with it byte sizes near the 5 KB minimum. A seeded generator keeps every image reproducible.
+        sigma = rng.uniform(8, 20)
+        grain_values = np.random.default_rng(rng.getrandbits(64)).normal(128.0, sigma, (size, size))
+        grain = Image.fromarray(np.clip(grain_values, 0, 255).astype(np.uint8), "L").convert("RGB")
         image = Image.blend(image, grain, 0.08).filter(ImageFilter.SMOOTH)
     return image
 

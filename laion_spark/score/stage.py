@@ -16,11 +16,11 @@ import logging
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from laion_spark.clip.model import check_loadable
-from laion_spark.clip.nsfw import load_nsfw_detector
-from laion_spark.clip.scoring import FAILED_TO_DECODE, OK, ScoringSettings, score_pairs
 from laion_spark.config import ClipConfig, Config, ConfigError
 from laion_spark.schemas import CANDIDATES, DATASET, DATASET_SCHEMA, EMBEDDINGS, EMBEDDINGS_SCHEMA, IMAGES
+from laion_spark.score.model import check_loadable
+from laion_spark.score.nsfw import load_nsfw_detector
+from laion_spark.score.scoring import OK, ScoringSettings, score_pairs
 from laion_spark.storage import (
     StageCounter,
     append,
@@ -29,6 +29,7 @@ from laion_spark.storage import (
     overwrite,
     read_table,
 )
+from laion_spark.storage.stats import count_drops
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,7 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
 
     successful = images.where(F.col("status") == "success")
     to_score = successful.join(candidates.select("uid", "text"), "uid").join(scored_uids, "uid", "left_anti")
-    funnel = _input_funnel(images, candidates, scored_uids)
-    counter.add("images_in", funnel["images"], funnel["successful"])
-    counter.add("with_candidate_text", funnel["successful"], funnel["with_text"])
-    counter.add("not_yet_scored", funnel["with_text"], funnel["to_score"])
-    to_score_count = funnel["to_score"]
+    to_score_count = _count_inputs(counter, images, candidates, scored_uids).rows_out
 
     if to_score_count:
         if clip.partitions > 0:
@@ -66,16 +63,19 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
         # Plain append: the anti-join above already left out every uid in the table, and a MERGE could
         # evaluate the (expensive) scoring plan twice.
         append(embeddings, lake, EMBEDDINGS)
-    outcome = _run_outcome(read_table(spark, lake, EMBEDDINGS, missing_ok=True), run_id, clip.threshold)
-    failed = outcome["failed"]
-    counter.add("failed_to_decode", to_score_count, to_score_count - failed)
-    counter.add("scored", to_score_count - failed, outcome["scored"])
+    this_run = read_table(spark, lake, EMBEDDINGS, missing_ok=True).where(F.col("run_id") == run_id)
+    threshold_cut = clip.top_k_percent <= 0
+    below_threshold = (F.col("similarity") < F.lit(clip.threshold)) if threshold_cut else F.lit(False)
+    reason = F.when(F.col("status") != OK, F.lit("failed_to_decode")).when(below_threshold, F.lit("above_threshold"))
+    reasons = ["failed_to_decode", "above_threshold"] if threshold_cut else ["failed_to_decode"]
+    outcome = count_drops(this_run, reason, reasons)
+    counter.add("scored", to_score_count, outcome.rows_in)
+    counter.add_drops(outcome.rows_in, outcome.dropped)
 
     if clip.top_k_percent > 0:
         kept, considered = rebuild_dataset(spark, config, lake)
         counter.add("top_k_percent", considered, kept)
     else:
-        counter.add("above_threshold", outcome["scored"], outcome["above_threshold"])
         # Every passing pair that dataset lacks, not only this run's: a run that stopped between the two writes
         # is completed by the next one. Only uid and score columns are read from embeddings.
         passing = build_dataset(
@@ -95,7 +95,7 @@ def to_embeddings_rows(scored: DataFrame, settings: ScoringSettings, run_id: str
         "embedding_dtype": F.lit(settings.embedding_dtype),
         "model": F.lit(settings.spec.name),
         "run_id": F.lit(run_id),
-        "scored_at": F.lit(dt.datetime.now(dt.UTC).replace(tzinfo=None)).cast("timestamp"),
+        "scored_at": F.lit(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)).cast("timestamp"),
     }
     return scored.select([constants.get(name, F.col(name)).alias(name) for name in EMBEDDINGS_SCHEMA.fieldNames()])
 
@@ -130,35 +130,19 @@ def rebuild_dataset(spark: SparkSession, config: Config, lake: str) -> tuple[int
     return read_table(spark, lake, DATASET).count(), considered
 
 
-def _input_funnel(images: DataFrame, candidates: DataFrame, scored_uids: DataFrame) -> dict[str, int]:
-    """Rows at each input step, in one Spark job (only uid and status columns are read)."""
+def _count_inputs(counter: StageCounter, images: DataFrame, candidates: DataFrame, scored_uids: DataFrame):
+    """The input steps (downloaded, with_candidate_text, not_yet_scored) in one Spark job over key columns."""
     flags = (
-        images.select("uid", (F.col("status") == "success").alias("success"))
+        images.select("uid", "status")
         .join(candidates.select("uid", F.lit(True).alias("has_text")), "uid", "left")
         .join(scored_uids.select("uid", F.lit(True).alias("was_scored")), "uid", "left")
     )
-    with_text = F.col("success") & F.col("has_text").isNotNull()
-    row = flags.agg(
-        F.count(F.lit(1)).alias("images"),
-        F.count(F.when(F.col("success"), 1)).alias("successful"),
-        F.count(F.when(with_text, 1)).alias("with_text"),
-        F.count(F.when(with_text & F.col("was_scored").isNull(), 1)).alias("to_score"),
-    ).first()
-    return row.asDict()
-
-
-def _run_outcome(embeddings: DataFrame, run_id: str, threshold: float) -> dict[str, int]:
-    # One row of counts: collecting it is collecting stats, not data.
-    row = (
-        embeddings.where(F.col("run_id") == run_id)
-        .agg(
-            F.count(F.when(F.col("status") == OK, 1)).alias("scored"),
-            F.count(F.when(F.col("status") == FAILED_TO_DECODE, 1)).alias("failed"),
-            F.count(F.when((F.col("status") == OK) & (F.col("similarity") >= threshold), 1)).alias("above_threshold"),
-        )
-        .first()
+    reason = (
+        F.when(F.col("status") != "success", F.lit("downloaded"))
+        .when(F.col("has_text").isNull(), F.lit("with_candidate_text"))
+        .when(F.col("was_scored").isNotNull(), F.lit("not_yet_scored"))
     )
-    return row.asDict()
+    return counter.count_drops(flags, reason, ["downloaded", "with_candidate_text", "not_yet_scored"])
 
 
 def _validate(clip: ClipConfig) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from laion_spark.candidates import NO_LANGUAGE, detect_language, detect_languages
 from laion_spark.config import ConfigError, LanguageConfig
-from laion_spark.transforms import NO_LANGUAGE, detect_language, detect_languages
 
 PHRASES = Path(__file__).parent / "data" / "language_phrases.tsv"
 

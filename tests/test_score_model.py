@@ -12,7 +12,8 @@ import pytest
 import torch
 from pyspark.resource import ResourceInformation
 
-from laion_spark.clip import (
+from laion_spark.config import ClipConfig, ConfigError
+from laion_spark.score import (
     NSFW,
     UNLIKELY,
     UNSURE,
@@ -31,9 +32,8 @@ from laion_spark.clip import (
     tiny_clip_settings,
     zero_shot_tags,
 )
-from laion_spark.clip.scoring import prefetch, prepare_model_batches
-from laion_spark.config import ClipConfig, ConfigError
-from laion_spark.demo import synthetic
+from laion_spark.score.scoring import prefetch, prepare_model_batches
+from laion_spark.testing import synthetic
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY_CLIP_DIR = PROJECT_ROOT / ".cache" / "models" / "tiny-clip"

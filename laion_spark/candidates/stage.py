@@ -18,10 +18,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from laion_spark.config import Config, TransformsConfig
-from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, PAIRS
-from laion_spark.storage import StageCounter, append, new_run_id, read_table, table_exists, table_path
-from laion_spark.transforms.dedup import (
+from laion_spark.candidates.dedup import (
     DEDUP_KEY,
     add_dedup_key,
     dedup_key,
@@ -29,8 +26,8 @@ from laion_spark.transforms.dedup import (
     keep_new_or_earlier,
     survivor_rank,
 )
-from laion_spark.transforms.language import detect_language, validate_languages
-from laion_spark.transforms.rules import (
+from laion_spark.candidates.language import detect_language, validate_languages
+from laion_spark.candidates.rules import (
     DROPPED_BY,
     active_rules,
     apply_rules,
@@ -38,18 +35,21 @@ from laion_spark.transforms.rules import (
     mark_rule_failures,
     rule_drop_columns,
 )
+from laion_spark.config import CandidatesConfig, Config
+from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, PAIRS
+from laion_spark.storage import StageCounter, append, new_run_id, read_table, table_exists, table_path
 
 log = logging.getLogger(__name__)
 
 STAGE = "candidates"
 
 
-def build_candidates(pairs: DataFrame, existing: DataFrame, config: TransformsConfig | None = None) -> DataFrame:
+def build_candidates(pairs: DataFrame, existing: DataFrame, config: CandidatesConfig | None = None) -> DataFrame:
     """The rows ``pairs`` contributes to a ``candidates`` table holding ``existing``, with their language.
 
     Pure: usable from a notebook on any frame with the pairs columns (``existing`` may be empty).
     """
-    config = config or TransformsConfig()
+    config = config or CandidatesConfig()
     return (
         pairs.transform(apply_rules, config.rules)
         .transform(add_dedup_key, config.dedup.mode)
@@ -62,7 +62,7 @@ def build_candidates(pairs: DataFrame, existing: DataFrame, config: TransformsCo
 
 def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str | None = None) -> StageCounter:
     """Read ``pairs``, write the new candidates, record every step's rows in and out in ``stage_stats``."""
-    transforms = config.transforms
+    transforms = config.candidates
     _validate(transforms)
     counter = StageCounter(run_id or new_run_id(), STAGE)
     pairs = read_table(spark, lake, PAIRS)
@@ -87,14 +87,14 @@ def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str |
     return counter
 
 
-def _validate(config: TransformsConfig) -> None:
+def _validate(config: CandidatesConfig) -> None:
     """Configuration mistakes surface here as one sentence, before any Spark job starts."""
     junk_text_regex(config.rules.junk_text_patterns)
     dedup_key(F.col("url"), F.col("text"), config.dedup.mode)
     validate_languages(config.language.languages)
 
 
-def _count_rules_and_keys(pairs: DataFrame, config: TransformsConfig) -> tuple[int, list[tuple[str, int]], int]:
+def _count_rules_and_keys(pairs: DataFrame, config: CandidatesConfig) -> tuple[int, list[tuple[str, int]], int]:
     marked = mark_rule_failures(pairs, config.rules)
     survivor_key = F.when(F.col(DROPPED_BY).isNull(), dedup_key(F.col("url"), F.col("text"), config.dedup.mode))
     row = marked.agg(

@@ -99,7 +99,7 @@ def junk_text_regex(patterns: list[str]) -> str | None:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ConfigError(f"transforms.rules.junk_text_patterns: {pattern!r} is not a valid regex: {exc}") from None
+            raise ConfigError(f"candidates.rules.junk_text_patterns: {pattern!r} is not a valid regex: {exc}") from None
     if not patterns:
         return None
     return "(?i)^(?:" + "|".join(f"(?:{p})" for p in patterns) + ")$"

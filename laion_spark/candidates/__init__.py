@@ -1,6 +1,6 @@
 """pairs -> candidates: text and URL rules, exact dedup (within a batch and against the lake), language."""
 
-from laion_spark.transforms.dedup import (
+from laion_spark.candidates.dedup import (
     DEDUP_KEY,
     add_dedup_key,
     dedup_key,
@@ -11,7 +11,7 @@ from laion_spark.transforms.dedup import (
     survivor_order,
     survivor_rank,
 )
-from laion_spark.transforms.language import (
+from laion_spark.candidates.language import (
     NO_LANGUAGE,
     detect_language,
     detect_languages,
@@ -19,7 +19,7 @@ from laion_spark.transforms.language import (
     language_detector,
     validate_languages,
 )
-from laion_spark.transforms.rules import (
+from laion_spark.candidates.rules import (
     DROPPED_BY,
     RULES,
     Rule,
@@ -29,7 +29,7 @@ from laion_spark.transforms.rules import (
     drop_rule_failures,
     mark_rule_failures,
 )
-from laion_spark.transforms.stage import build_candidates, run_candidates
+from laion_spark.candidates.stage import build_candidates, run_candidates
 
 __all__ = [
     "DEDUP_KEY",

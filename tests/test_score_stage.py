@@ -17,7 +17,17 @@ import open_clip
 import pytest
 import torch
 
-from laion_spark.clip import (
+from laion_spark.config import Config
+from laion_spark.schemas import (
+    CANDIDATES,
+    CANDIDATES_SCHEMA,
+    DATASET,
+    EMBEDDINGS,
+    IMAGES,
+    IMAGES_SCHEMA,
+    STAGE_STATS,
+)
+from laion_spark.score import (
     FAILED_TO_DECODE,
     NSFW,
     TINY_CLIP_THRESHOLD,
@@ -30,18 +40,8 @@ from laion_spark.clip import (
     run_score,
     tiny_clip_settings,
 )
-from laion_spark.config import Config
-from laion_spark.demo.synthetic import SyntheticImage, draw, encode
-from laion_spark.schemas import (
-    CANDIDATES,
-    CANDIDATES_SCHEMA,
-    DATASET,
-    EMBEDDINGS,
-    IMAGES,
-    IMAGES_SCHEMA,
-    STAGE_STATS,
-)
 from laion_spark.storage import append, read_funnel, read_table
+from laion_spark.testing.synthetic import SyntheticImage, draw, encode
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,7 @@ import datetime as dt
 
 from pyspark.sql import functions as F
 
-from laion_spark.schemas import PAIRS_SCHEMA
-from laion_spark.transforms import (
+from laion_spark.candidates import (
     DEDUP_KEY,
     add_dedup_key,
     keep_first_per_key,
@@ -15,6 +14,7 @@ from laion_spark.transforms import (
     normalize_text,
     normalize_url,
 )
+from laion_spark.schemas import PAIRS_SCHEMA
 
 
 def test_normalisation_folds_case_of_scheme_host_and_text_but_not_path(spark):

@@ -5,8 +5,8 @@ output goes to Spark's ``noop`` sink, so the time is the transform's and not a w
 generated frame written to ``noop`` untransformed, measured in the same run; a step's ratio is its time over
 the floor's. Linear growth shows as a per-row cost ratio (large size / small size) near 1.
 
-    python bench/transforms.py                       # 1M and 4M rows, all three steps
-    python bench/transforms.py --sizes 200000 800000 --steps rules dedup
+    python bench/candidates.py                       # 1M and 4M rows, all three steps
+    python bench/candidates.py --sizes 200000 800000 --steps rules dedup
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import time
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from laion_spark.candidates import add_dedup_key, apply_rules, detect_language, keep_first_per_key
 from laion_spark.config import LanguageConfig, RulesConfig, SparkConfig
 from laion_spark.session import build_local_session
-from laion_spark.transforms import add_dedup_key, apply_rules, detect_language, keep_first_per_key
 
 PHRASES = [
     "Red leather handbag with a gold chain strap",

@@ -6,10 +6,10 @@ import datetime as dt
 
 import pytest
 
+from laion_spark.candidates import run_candidates
 from laion_spark.config import Config
 from laion_spark.schemas import CANDIDATES, PAIRS, PAIRS_SCHEMA, STAGE_STATS
 from laion_spark.storage import append, read_table
-from laion_spark.transforms import run_candidates
 
 
 def pair(uid, url, text, source_file, offset, day):

@@ -1,8 +1,8 @@
 """Images/s of CLIP scoring through Spark (mapInArrow, the stage's path) against a bare open_clip loop.
 
-    python bench/clip.py                                   # the tiny model, CPU
-    python bench/clip.py --model ViT-B-32 --pretrained ""  # ViT-B/32's architecture, random weights (no download)
-    python bench/clip.py --model ViT-B-32 --pretrained /path/open_clip_pytorch_model.bin
+    python bench/score.py                                   # the tiny model, CPU
+    python bench/score.py --model ViT-B-32 --pretrained ""  # ViT-B/32's architecture, random weights (no download)
+    python bench/score.py --model ViT-B-32 --pretrained /path/open_clip_pytorch_model.bin
 
 Both paths score the same JPEG bytes with the same model and batch size on the same device. The bare loop is
 the floor: one process that decodes, preprocesses and runs the model batch after batch, with every core for
@@ -26,7 +26,7 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 
 def make_images(count: int, size: int) -> list[tuple[str, bytes, str]]:
-    from laion_spark.demo import synthetic
+    from laion_spark.testing import synthetic
 
     kinds = synthetic.all_kinds()
     rows = []
@@ -41,7 +41,7 @@ def bare_loop(rows, spec, device: str, batch_size: int) -> float:
     """Seconds for decode + preprocess + both encoders + similarity over every row, in one process."""
     import torch
 
-    from laion_spark.clip import decode_image, load_clip
+    from laion_spark.score import decode_image, load_clip
 
     loaded = load_clip(spec, device)
     loaded.encode_images(torch.stack([loaded.preprocess(decode_image(rows[0][1]))]))  # warm up kernels
@@ -58,7 +58,7 @@ def bare_loop(rows, spec, device: str, batch_size: int) -> float:
 
 
 def spark_path(spark, table: str, settings, partitions: int) -> float:
-    from laion_spark.clip import score_pairs
+    from laion_spark.score import score_pairs
 
     pairs = spark.read.parquet(table).repartition(partitions)
     started = time.perf_counter()
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from laion_spark.clip import ModelSpec, ScoringSettings, task_device, tiny_clip_settings
     from laion_spark.config import ClipConfig, SparkConfig
+    from laion_spark.score import ModelSpec, ScoringSettings, task_device, tiny_clip_settings
     from laion_spark.session import build_local_session
 
     clip = ClipConfig(model=args.model, batch_size=args.batch_size, device=args.device)

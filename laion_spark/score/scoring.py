@@ -22,9 +22,9 @@ import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
-from laion_spark.clip.model import LoadedClip, ModelSpec, clip_model, resolve_local_path, task_device
-from laion_spark.clip.nsfw import nsfw_detector, punsafe, zero_shot_tags
 from laion_spark.config import ClipConfig, ConfigError
+from laion_spark.score.model import LoadedClip, ModelSpec, clip_model, resolve_local_path, task_device
+from laion_spark.score.nsfw import nsfw_detector, punsafe, zero_shot_tags
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The demo's bundled sample crawl: a WAT and a WARC (and a plain WARC) of a small multilingual site.
 
 Pages live on a loopback "site" (``site_base_url``) whose images are the synthetic shapes of
-:mod:`laion_spark.demo.synthetic`, served by the demo's image server at ``/img/{kind.slug}-{seed}.jpg``. The
+:mod:`laion_spark.testing.synthetic`, served by the demo's image server at ``/img/{kind.slug}-{seed}.jpg``. The
 mix is what extraction and the later stages should see in a real crawl: good alt texts (English captions and
 their translations), junk alts (file names, "logo"), empty and missing alts, mismatched captions for CLIP to
 drop, duplicates across pages and across files, relative URLs, ``<base href>``, and pages in legacy charsets.
@@ -10,16 +10,12 @@ Everything is derived from a fixed seed, so the sample is the same on every mach
 
 from __future__ import annotations
 
-import io
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from warcio.statusandheaders import StatusAndHeaders
-from warcio.warcwriter import WARCWriter
-
-from laion_spark.demo.synthetic import SyntheticImage, all_kinds
+from laion_spark.testing.archives import HtmlPage, WatPage, write_warc, write_wat
+from laion_spark.testing.synthetic import SyntheticImage, all_kinds
 
 SEED = 400
 CRAWL_DATE = "2024-05-04T10:20:30Z"
@@ -321,64 +317,14 @@ def _escape(text: str) -> str:
 
 
 def _write_warc(path: Path, pages: list[SamplePage]) -> Path:
-    with open(path, "wb") as out:
-        writer = WARCWriter(out, gzip=path.name.endswith(".gz"))
-        writer.write_record(writer.create_warcinfo_record(path.name, {"software": "laion_spark demo sample"}))
-        for page in pages:
-            charset, where = PAGE_CHARSETS.get(page.language, ("utf-8", "header"))
-            body = _page_html(page, charset, where == "meta").encode(charset)
-            content_type = f"text/html; charset={charset}" if where == "header" else "text/html"
-            http = StatusAndHeaders(
-                "200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))], protocol="HTTP/1.1"
-            )
-            record = writer.create_warc_record(
-                page.url,
-                "response",
-                payload=io.BytesIO(body),
-                http_headers=http,
-                warc_headers_dict={"WARC-Date": CRAWL_DATE},
-            )
-            writer.write_record(record)
-    return path
-
-
-def _wat_json(page: SamplePage) -> dict:
-    links = [{"path": "A@/href", "url": "/", "text": "Home"}]
-    for src, alt in page.images:
-        link = {"path": "IMG@/src", "url": src}
-        if alt is not None:
-            link["alt"] = alt
-        links.append(link)
-    head = {"Title": PAGE_TITLES[page.language]}
-    if page.base_href:
-        head["Base"] = page.base_href
-    return {
-        "Envelope": {
-            "Format": "WARC",
-            "WARC-Header-Metadata": {"WARC-Type": "response", "WARC-Target-URI": page.url, "WARC-Date": CRAWL_DATE},
-            "Payload-Metadata": {
-                "Actual-Content-Type": "application/http; msgtype=response",
-                "HTTP-Response-Metadata": {
-                    "Response-Message": {"Status": "200", "Version": "HTTP/1.1", "Reason": "OK"},
-                    "HTML-Metadata": {"Head": head, "Links": links},
-                },
-            },
-        }
-    }
+    html_pages = []
+    for page in pages:
+        charset, where = PAGE_CHARSETS.get(page.language, ("utf-8", "header"))
+        body = _page_html(page, charset, where == "meta").encode(charset)
+        content_type = f"text/html; charset={charset}" if where == "header" else "text/html"
+        html_pages.append(HtmlPage(page.url, body, content_type, CRAWL_DATE))
+    return write_warc(path, html_pages)
 
 
 def _write_wat(path: Path, pages: list[SamplePage]) -> Path:
-    with open(path, "wb") as out:
-        writer = WARCWriter(out, gzip=True)
-        writer.write_record(writer.create_warcinfo_record(path.name, {"format": "WARC File Format 1.0"}))
-        for page in pages:
-            request = {"Envelope": {"WARC-Header-Metadata": {"WARC-Type": "request", "WARC-Target-URI": page.url}}}
-            for document in (request, _wat_json(page)):
-                record = writer.create_warc_record(
-                    page.url,
-                    "metadata",
-                    payload=io.BytesIO(json.dumps(document, ensure_ascii=False).encode("utf-8")),
-                    warc_headers_dict={"WARC-Date": CRAWL_DATE, "Content-Type": "application/json"},
-                )
-                writer.write_record(record)
-    return path
+    return write_wat(path, [WatPage(p.url, p.images, base=p.base_href, date=CRAWL_DATE) for p in pages])

@@ -6,9 +6,9 @@ import datetime as dt
 
 import pytest
 
+from laion_spark.candidates import DROPPED_BY, apply_rules, count_rule_drops, mark_rule_failures
 from laion_spark.config import ConfigError, RulesConfig
 from laion_spark.schemas import PAIRS_SCHEMA
-from laion_spark.transforms import DROPPED_BY, apply_rules, count_rule_drops, mark_rule_failures
 
 CRAWL = dt.datetime(2024, 1, 1)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from laion_spark.clip.model import ModelLoadError
+from laion_spark.score.model import ModelLoadError
 
 NSFW = "NSFW"
 UNSURE = "UNSURE"

@@ -39,7 +39,7 @@ def validate_languages(codes: Iterable[str]) -> tuple[str, ...]:
     unknown = [code for code in resolved if code not in known]
     if unknown:
         raise ConfigError(
-            f"transforms.language.languages: lingua has no language {', '.join(unknown)}; "
+            f"candidates.language.languages: lingua has no language {', '.join(unknown)}; "
             f"use ISO 639-1 codes among: {', '.join(sorted(known))}"
         )
     return resolved
@@ -125,7 +125,7 @@ def detect_language(df: DataFrame, config: LanguageConfig | None = None, text_co
     """
     config = config or LanguageConfig()
     if config.detector != "lingua":
-        raise ConfigError(f"transforms.language.detector: unknown detector {config.detector!r}; only 'lingua'")
+        raise ConfigError(f"candidates.language.detector: unknown detector {config.detector!r}; only 'lingua'")
     validate_languages(config.languages)  # a typo in the config fails here, not inside a Python worker
     detect = F.pandas_udf(_language_batches(config), LANGUAGE_RESULT)
     result = detect(F.col(text_column))

@@ -1,6 +1,6 @@
 """images + texts -> CLIP embeddings, similarity and NSFW tags: the ``embeddings`` and ``dataset`` tables."""
 
-from laion_spark.clip.model import (
+from laion_spark.score.model import (
     TINY_CLIP_THRESHOLD,
     LoadedClip,
     ModelLoadError,
@@ -14,7 +14,7 @@ from laion_spark.clip.model import (
     task_gpu_addresses,
     tiny_clip_settings,
 )
-from laion_spark.clip.nsfw import (
+from laion_spark.score.nsfw import (
     NSFW,
     UNLIKELY,
     UNSURE,
@@ -23,7 +23,7 @@ from laion_spark.clip.nsfw import (
     punsafe,
     zero_shot_tags,
 )
-from laion_spark.clip.scoring import (
+from laion_spark.score.scoring import (
     FAILED_TO_DECODE,
     SCORED_SCHEMA,
     ScoringSettings,
@@ -32,7 +32,7 @@ from laion_spark.clip.scoring import (
     score_pairs,
     score_record_batches,
 )
-from laion_spark.clip.stage import build_dataset, rebuild_dataset, run_score, to_embeddings_rows
+from laion_spark.score.stage import build_dataset, rebuild_dataset, run_score, to_embeddings_rows
 
 __all__ = [
     "FAILED_TO_DECODE",

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from laion_spark.demo.synthetic import SyntheticImage, all_kinds, draw, encode
+from laion_spark.testing.synthetic import SyntheticImage, all_kinds, draw, encode
 
 CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
