@@ -25,8 +25,8 @@ $(JARS_STAMP): $(STAMP) laion_spark/jars.py
 	$(PY) -m laion_spark.jars fetch
 	touch $@
 
-$(MODEL): $(STAMP) scripts/train_tiny_clip.py laion_spark/testing/synthetic.py
-	$(PY) scripts/train_tiny_clip.py --out $(MODEL)
+$(MODEL): $(STAMP) laion_spark/testing/tiny_clip.py laion_spark/testing/synthetic.py
+	$(PY) -m laion_spark.testing.tiny_clip --force --out $(MODEL)
 
 demo: setup
 	$(PY) -m laion_spark.demo --workdir .cache/demo

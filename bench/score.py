@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,14 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from laion_spark.config import ClipConfig, SparkConfig
-    from laion_spark.score import ModelSpec, ScoringSettings, task_device, tiny_clip_settings
+    from laion_spark.score import ModelSpec, ScoringSettings, task_device
     from laion_spark.session import build_local_session
+    from laion_spark.testing.tiny_clip import ensure_tiny_clip
 
     clip = ClipConfig(model=args.model, batch_size=args.batch_size, device=args.device)
     if args.model == "tiny-clip":
-        tiny = tiny_clip_settings(ROOT / ".cache" / "models" / "tiny-clip")
-        if not Path(tiny["pretrained"]).is_file():
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_clip.py"), "--out", tiny["pretrained"]])
+        tiny = ensure_tiny_clip(ROOT / ".cache" / "models" / "tiny-clip")
         clip.model_config, clip.pretrained = tiny["model_config"], tiny["pretrained"]
     if args.pretrained is not None:
         clip.pretrained = args.pretrained

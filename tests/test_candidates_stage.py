@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 
 import pytest
 
 from laion_spark.candidates import run_candidates
 from laion_spark.config import Config
+from laion_spark.extract import text_key
 from laion_spark.schemas import CANDIDATES, PAIRS, PAIRS_SCHEMA, STAGE_STATS
 from laion_spark.storage import append, read_table
 
 
 def pair(uid, url, text, source_file, offset, day):
-    return (uid, url, text, f"https://site.example/{uid}", source_file, offset, dt.datetime(2024, 3, day), "wat")
+    page_url = f"https://site.example/{uid}"
+    return (uid, url, text, text_key(text), page_url, source_file, offset, dt.datetime(2024, 3, day), "wat")
 
 
 # Crawl of day 10: a duplicate within the file, and a few rows that the rules drop.
@@ -87,18 +90,38 @@ def uids(table):
     return sorted(row["uid"] for row in table.values())
 
 
+def without_uids(table):
+    return {key: {column: value for column, value in row.items() if column != "uid"} for key, row in table.items()}
+
+
 def test_duplicates_within_a_file_leave_one_survivor(scenario):
     assert uids(scenario["tables"]["after_first"]) == ["a-bread", "a-cat"]
     assert steps(scenario["runs"]["first"])["dedup_within_batch"] == (3, 2)
 
 
-def test_two_incremental_runs_equal_one_run_over_both_inputs(scenario):
+def test_two_incremental_runs_store_the_captures_one_run_over_both_inputs_stores(scenario):
     tables = scenario["tables"]
-    assert tables["after_second"] == tables["once"]
+    assert without_uids(tables["after_second"]) == without_uids(tables["once"])
     # across files and runs: the older crawl's cat, ingested later, replaced the day-10 copy; bread keeps the
     # day-10 row of file A over file B's day-11 repeat
-    assert uids(tables["after_second"]) == ["a-bread", "b-cat", "b-tea"]
+    assert uids(tables["once"]) == ["a-bread", "b-cat", "b-tea"]
     assert steps(scenario["runs"]["second"])["dedup_against_lake"] == (3, 2)
+
+
+def test_a_replaced_candidate_keeps_its_uid_and_takes_the_earlier_capture(scenario):
+    # images and embeddings are keyed by uid: a new uid would orphan the stored download of the cat
+    tables = scenario["tables"]
+    assert uids(tables["after_second"]) == ["a-bread", "a-cat", "b-tea"]
+    cat = next(row for row in tables["after_second"].values() if row["uid"] == "a-cat")
+    once = next(row for row in tables["once"].values() if row["uid"] == "b-cat")
+    assert cat == {**once, "uid": "a-cat"}
+    assert (cat["text"], cat["source_file"], cat["record_offset"], cat["crawl_date"], cat["page_url"]) == (
+        "A BLACK cat sleeping on the old red sofa",
+        "b.wat.gz",
+        50,
+        dt.datetime(2024, 3, 3),
+        "https://site.example/b-cat",
+    )
 
 
 def test_rerun_without_new_pairs_adds_nothing_and_keeps_the_same_survivors(scenario):
@@ -132,3 +155,37 @@ def test_every_rule_and_step_count_is_recorded_in_stage_stats(spark, scenario):
     counter = scenario["runs"]["single"]
     assert counter.steps == [(step, rows_in, out) for _, step, rows_in, out in recorded]
     assert "junk_text" in counter.summary()
+
+
+def test_texts_that_read_the_same_give_one_candidate(spark, lake):
+    shirt, sign, street, fish, city = (
+        f"https://img.example/{name}.jpg" for name in "shirt sign street fish city".split()
+    )
+    rows = [
+        pair("shirt-full-width", shirt, "ＡＢＣ１２３ ｒｅｄ ｓｈｉｒｔ", "f.wat.gz", 1, 5),
+        pair("shirt-half-width", shirt, "ABC123 red shirt", "f.wat.gz", 2, 4),
+        pair("sign-half-width", sign, "ｶﾀｶﾅの看板", "f.wat.gz", 3, 5),
+        pair("sign-full-width", sign, "カタカナの看板", "f.wat.gz", 4, 5),
+        pair("street-eszett", street, "Straße in Berlin", "f.wat.gz", 5, 5),
+        pair("street-upper", street, "STRASSE IN BERLIN", "f.wat.gz", 6, 5),
+        pair("street-lower", street, "strasse in berlin", "f.wat.gz", 7, 5),
+        pair("fish-ligature", fish, "ﬁsh on a plate", "f.wat.gz", 8, 5),
+        pair("fish-plain", fish, "Fish on a plate", "f.wat.gz", 9, 5),
+        # Unicode casefold is not Turkish: İ folds to i + combining dot, so the dotted capital stays apart
+        pair("city-dotted", city, "İSTANBUL at night", "f.wat.gz", 10, 5),
+        pair("city-upper", city, "ISTANBUL at night", "f.wat.gz", 11, 5),
+        pair("city-lower", city, "istanbul at night", "f.wat.gz", 12, 5),
+    ]
+    append(spark.createDataFrame(rows, PAIRS_SCHEMA), lake, PAIRS)
+    counter = run_candidates(spark, Config(), lake, run_id="folded")
+    table = candidates_by_key(spark, lake)
+    assert collections.Counter(row["url"] for row in table.values()) == {shirt: 1, sign: 1, street: 1, fish: 1, city: 2}
+    assert sorted(uids(table)) == [
+        "city-dotted",
+        "city-upper",
+        "fish-ligature",
+        "shirt-half-width",  # the earlier crawl of the two
+        "sign-half-width",
+        "street-eszett",
+    ]
+    assert steps(counter)["dedup_within_batch"] == (12, 6)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cluster import standalone_cluster
+from demo_reference import assert_demo_funnel_is_the_reference
 
 from laion_spark.testing.archives import WatPage, write_wat
 
@@ -62,7 +63,5 @@ def test_whole_demo_pipeline_on_standalone_cluster(master_url, tmp_path):
         timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    funnel = result.stdout.split("== funnel", 1)[1]
-    for stage in ("extract.", "candidates.", "download.", "score."):
-        assert stage in funnel
+    assert_demo_funnel_is_the_reference(result.stdout)
     assert (tmp_path / "demo" / "lake" / "dataset" / "_delta_log").is_dir()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -65,6 +68,51 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     result = process_image(make_decompression_bomb(), SETTINGS)
     assert result.status == status.TOO_LARGE
     assert result.image is None
+
+
+@functools.cache
+def _large_grey_jpeg(side: int) -> bytes:
+    """A side x side JPEG of about a megabyte that draft mode decodes at 1/8 scale: large in pixels, cheap to test."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, format="JPEG", quality=10)
+    return buffer.getvalue()
+
+
+PILLOW_WARNS = 10_000  # 100 M pixels: above Pillow's default limit, below twice it (where Pillow refuses outright)
+PILLOW_REFUSES = 13_500  # 182 M pixels: above twice Pillow's default limit
+SMALL_OUTPUT = replace(SETTINGS, image_size=64)
+
+
+def test_raised_max_pixels_admits_an_image_pillow_refuses_by_default() -> None:
+    result = process_image(_large_grey_jpeg(PILLOW_REFUSES), replace(SMALL_OUTPUT, max_pixels=200_000_000))
+    assert result.status == status.SUCCESS, result.error
+    assert (result.original_width, result.original_height) == (PILLOW_REFUSES, PILLOW_REFUSES)
+    assert (result.width, result.height) == (64, 64)
+
+
+def test_lowered_max_pixels_refuses_an_image_pillow_accepts() -> None:
+    result = process_image(_large_grey_jpeg(PILLOW_WARNS), replace(SMALL_OUTPUT, max_pixels=50_000_000))
+    assert result.status == status.TOO_LARGE
+    assert "max_pixels 50000000" in result.error
+    assert result.image is None
+
+
+def test_max_pixels_verdict_ignores_the_callers_warning_filters() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as under python -W error
+        result = process_image(_large_grey_jpeg(PILLOW_WARNS), replace(SMALL_OUTPUT, max_pixels=120_000_000))
+    assert result.status == status.SUCCESS, result.error
+
+
+def test_threads_with_different_max_pixels_each_get_their_own_verdict() -> None:
+    body = _large_grey_jpeg(PILLOW_REFUSES)
+    strict = replace(SMALL_OUTPUT, max_pixels=100_000_000)
+    lenient = replace(SMALL_OUTPUT, max_pixels=200_000_000)
+    jobs = [strict, lenient] * 6
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        verdicts = list(pool.map(lambda settings: process_image(body, settings).status, jobs))
+    expected = [status.TOO_LARGE if settings is strict else status.SUCCESS for settings in jobs]
+    assert verdicts == expected
 
 
 def test_below_min_bytes_is_too_small() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from laion_spark.config import ConfigError
 from laion_spark.download.safety import (
+    address_before_lookup,
     address_kind,
     blocked_reason,
     parse_allow_list,
@@ -42,10 +43,82 @@ def test_non_public_addresses_are_named(address: str, kind: str) -> None:
     assert address_kind(ipaddress.ip_address(address)) == kind
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize(
+    "address, kind",
+    [
+        ("::127.0.0.1", "loopback"),  # IPv4-compatible
+        ("::ffff:0:127.0.0.1", "loopback"),  # IPv4-translated (SIIT)
+        ("2002:7f00:1::", "loopback"),  # 6to4
+        ("64:ff9b::7f00:1", "loopback"),  # NAT64, well-known prefix
+        ("64:ff9b:1::7f00:1", "loopback"),  # NAT64, local-use prefix
+        ("2002:a00:1::", "private"),
+        ("64:ff9b::a00:1", "private"),
+        ("2002:c0a8:101::", "private"),
+        ("64:ff9b::c0a8:101", "private"),
+        ("2002:a9fe:a9fe::", "link-local"),
+        ("64:ff9b::a9fe:a9fe", "link-local"),
+        ("::ffff:0:a9fe:a9fe", "link-local"),
+    ],
+)
+def test_ipv6_wrappers_are_judged_by_the_ipv4_address_inside(address: str, kind: str) -> None:
+    assert address_kind(ipaddress.ip_address(address)) == kind
+    reason = blocked_reason("example.com", address, 80, ())
+    assert reason is not None and kind in reason and f"inside {ipaddress.ip_address(address)}" in reason
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo, client 192.0.2.45: never read, always refused
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+        "64:ff9b:1:808:8:800::",  # local-use NAT64 in a /48 layout: the IPv4 bits' place is the operator's choice
+    ],
+)
+def test_ipv6_wrappers_we_cannot_read_are_refused(address: str) -> None:
+    assert address_kind(ipaddress.ip_address(address)) == "non-global"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "8.8.8.8",
+        "93.184.216.34",
+        "2606:4700:4700::1111",
+        "::ffff:8.8.8.8",
+        # A NAT64 gateway or 6to4 relay delivers these to 8.8.8.8: IPv6-only workers reach the IPv4 web this way.
+        "64:ff9b::808:808",
+        "64:ff9b:1::808:808",
+        "2002:808:808::",
+    ],
+)
 def test_public_addresses_pass(address: str) -> None:
     assert address_kind(ipaddress.ip_address(address)) is None
     assert blocked_reason("example.com", address, 80, ()) is None
+
+
+@pytest.mark.parametrize(
+    "host, address",
+    [
+        ("2130706433", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("0x7f.0.0.1", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("127.0.1", "127.0.0.1"),
+        ("127.0.0.1.", "127.0.0.1"),
+        ("localhost", "127.0.0.1"),
+        ("LocalHost.", "127.0.0.1"),
+        ("images.localhost", "127.0.0.1"),
+        ("::127.0.0.1", "::7f00:1"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("example.com", None),
+        ("localhost.example.com", None),
+        ("cafe", None),
+        ("1.2.3.4.5", None),
+    ],
+)
+def test_hosts_that_name_an_address_by_themselves(host: str, address: str | None) -> None:
+    assert address_before_lookup(host) == (ipaddress.ip_address(address) if address else None)
 
 
 def test_cloud_metadata_address_is_blocked_without_allow_list() -> None:

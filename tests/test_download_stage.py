@@ -200,3 +200,24 @@ def test_archive_mode_resolves_images_from_warc_responses_without_network(spark,
 def test_config_mistakes_are_one_clear_error_before_any_work(change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         run_download(None, _config(**change), "/nonexistent-lake")  # type: ignore[arg-type]
+
+
+def test_a_failing_cleanup_never_hides_the_real_error(spark, lake: str, monkeypatch) -> None:
+    """The staging folder's delete fails too, but the error that reached the cleanup is the one raised."""
+    server, base_url = serve_synthetic_images()
+    try:
+        _write_candidates(spark, lake, [(f"{base_url}/img/red-circle-gray-0.jpg", "a red circle on gray")])
+        config = _config(allowed_hosts=[base_url.split("//", 1)[1]])
+
+        def failing_append(*args, **kwargs):
+            raise RuntimeError("the real error: the images commit failed")
+
+        def failing_delete(*args, **kwargs):
+            raise OSError("the staging folder cannot be deleted either")
+
+        monkeypatch.setattr("laion_spark.download.stage.append", failing_append)
+        monkeypatch.setattr("laion_spark.storage.files.delete_path", failing_delete)
+        with pytest.raises(RuntimeError, match="the real error"):
+            run_download(spark, config, lake, run_id="cleanup")
+    finally:
+        server.shutdown()

@@ -175,3 +175,29 @@ def test_inputs_list_globs_directories_manifests_and_hadoop_uris(spark, crawl, t
     assert hadoop == [f"file:{crawl}/old.arc.gz"]
     with pytest.raises(FileNotFoundError, match="no files match"):
         list_input_files(spark, [str(crawl / "*.nothing")])
+
+
+def test_binary_file_path_logs_files_spark_cannot_read_as_failed(spark, lake, tmp_path):
+    """On the binaryFile path a file above Spark's length limit, or a directory in a file's place, is logged
+    ``failed``; the job goes on and the readable file's pairs are written. A manifest names them, as a listing
+    would not hand a directory over as a file."""
+    good = write_wat(tmp_path / "good.wat.gz", pages(3, "good"))
+    big = write_wat(tmp_path / "big.wat.gz", pages(60, "big"))
+    (tmp_path / "dir.warc.gz").mkdir()
+    assert good.stat().st_size < big.stat().st_size
+    config = Config()
+    config.extract.io = "spark"
+    key = "spark.sql.sources.binaryFile.maxLength"
+    spark.conf.set(key, str(big.stat().st_size - 1))
+    try:
+        manifest = tmp_path / "inputs.paths"
+        manifest.write_text("good.wat.gz\nbig.wat.gz\ndir.warc.gz\n")
+        result = run_extract(spark, config, lake, [str(manifest)])
+    finally:
+        spark.conf.unset(key)
+    log = log_by_file(spark, lake)
+    assert log["good.wat.gz"][0] == "ok" and log["good.wat.gz"][2] == expected_pairs(good) > 0
+    assert log["big.wat.gz"][0] == "failed" and "maxLength" in log["big.wat.gz"][3]
+    assert log["dir.warc.gz"][0] == "failed"
+    assert result.files_failed == 2
+    assert delta(spark, lake, "pairs").count() == expected_pairs(good)

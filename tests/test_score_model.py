@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,30 +27,19 @@ from laion_spark.score import (
     load_nsfw_detector,
     round_embeddings,
     task_device,
-    tiny_clip_settings,
     zero_shot_tags,
 )
 from laion_spark.score.scoring import prefetch, prepare_model_batches
 from laion_spark.testing import synthetic
+from laion_spark.testing.tiny_clip import ensure_tiny_clip
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY_CLIP_DIR = PROJECT_ROOT / ".cache" / "models" / "tiny-clip"
 
 
-def ensure_tiny_clip() -> dict:
-    """The tiny model's clip settings, training it first on a clone where `make setup` has not run yet."""
-    settings = tiny_clip_settings(TINY_CLIP_DIR)
-    if not (Path(settings["pretrained"]).is_file() and Path(settings["model_config"]).is_file()):
-        subprocess.run(
-            [sys.executable, str(PROJECT_ROOT / "scripts" / "train_tiny_clip.py"), "--out", settings["pretrained"]],
-            check=True,
-        )
-    return settings
-
-
 @pytest.fixture(scope="module")
 def tiny_spec() -> ModelSpec:
-    settings = ensure_tiny_clip()
+    settings = ensure_tiny_clip(TINY_CLIP_DIR)
     return ModelSpec.from_config(ClipConfig(**settings))
 
 

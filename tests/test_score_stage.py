@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,6 @@ from laion_spark.schemas import (
 from laion_spark.score import (
     FAILED_TO_DECODE,
     NSFW,
-    TINY_CLIP_THRESHOLD,
     UNLIKELY,
     UNSURE,
     ModelLoadError,
@@ -38,10 +35,11 @@ from laion_spark.score import (
     decode_image,
     rebuild_dataset,
     run_score,
-    tiny_clip_settings,
 )
 from laion_spark.storage import append, read_funnel, read_table
 from laion_spark.testing.synthetic import SyntheticImage, draw, encode
+from laion_spark.testing.tiny_clip import THRESHOLD as TINY_CLIP_THRESHOLD
+from laion_spark.testing.tiny_clip import ensure_tiny_clip
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,15 +61,6 @@ SAFE_PROMPTS = ["a blue triangle on a beige background", "a green square on a pa
 PARTITIONS = 3
 ARROW_BATCH = 2
 MODEL_BATCH = 3
-
-
-def ensure_tiny_clip() -> dict:
-    """The tiny model's clip settings, training it first on a clone where `make setup` has not run yet."""
-    settings = tiny_clip_settings(PROJECT_ROOT / ".cache" / "models" / "tiny-clip")
-    if not Path(settings["pretrained"]).is_file():
-        script = PROJECT_ROOT / "scripts" / "train_tiny_clip.py"
-        subprocess.run([sys.executable, str(script), "--out", settings["pretrained"]], check=True)
-    return settings
 
 
 def _image_row(uid: str, status: str, image: bytes | None, size: int | None) -> tuple:
@@ -114,7 +103,7 @@ def scored_lake(spark, tmp_path_factory):
     torch.save(detector.state_dict(), detector_path)
 
     config = Config()
-    for key, value in ensure_tiny_clip().items():
+    for key, value in ensure_tiny_clip(PROJECT_ROOT / ".cache" / "models" / "tiny-clip").items():
         setattr(config.clip, key, value)
     config.clip.embedding_dtype = "float32"
     config.clip.batch_size = MODEL_BATCH

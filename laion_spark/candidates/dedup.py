@@ -88,9 +88,25 @@ def add_dedup_key(df: DataFrame, mode: str = "url_text") -> DataFrame:
 def survivor_order(prefix: str = "") -> list[Column]:
     """Sort keys, ascending, of a total order on rows; the first row of a key survives.
 
-    Unknown crawl dates and offsets sort last. ``prefix`` qualifies the columns (``"source."``) for the
-    MERGE condition.
+    Unknown crawl dates and offsets sort last. The ``uid`` comes last, so that even frames whose uid is not
+    derived from url and text (a notebook's) get one order. ``prefix`` qualifies the columns (``"source."``)
+    for the MERGE condition.
     """
+    return [*_capture_order(prefix), F.col(f"{prefix}uid")]
+
+
+def survivor_rank(prefix: str = "") -> Column:
+    """The capture part of :func:`survivor_order` as one comparable struct: a smaller struct is an earlier row.
+
+    This compares a batch row with the row stored for its key. The stored row keeps the uid of the first
+    survivor stored for the key when an earlier capture replaces it (see ``candidates.stage``), so its uid says
+    nothing about its capture and is left out: a row that ties on everything else is the stored capture itself,
+    and a rerun must not replace it with itself.
+    """
+    return F.struct(*[key.alias(f"k{i}") for i, key in enumerate(_capture_order(prefix))])
+
+
+def _capture_order(prefix: str) -> list[Column]:
     return [
         F.coalesce(F.col(f"{prefix}crawl_date"), F.lit(_LATEST).cast("timestamp")),
         F.coalesce(F.col(f"{prefix}source_file"), F.lit("")),
@@ -98,13 +114,7 @@ def survivor_order(prefix: str = "") -> list[Column]:
         F.col(f"{prefix}url"),
         F.col(f"{prefix}text"),
         F.coalesce(F.col(f"{prefix}page_url"), F.lit("")),
-        F.col(f"{prefix}uid"),
     ]
-
-
-def survivor_rank(prefix: str = "") -> Column:
-    """:func:`survivor_order` as one comparable struct: a smaller struct is an earlier row."""
-    return F.struct(*[key.alias(f"k{i}") for i, key in enumerate(survivor_order(prefix))])
 
 
 def keep_first_per_key(df: DataFrame) -> DataFrame:
@@ -116,8 +126,9 @@ def keep_first_per_key(df: DataFrame) -> DataFrame:
 def keep_new_or_earlier(batch: DataFrame, existing: DataFrame) -> DataFrame:
     """Rows of ``batch`` whose key is not in ``existing``, or that sort before the row kept for their key.
 
-    With both kinds written (insert and replace), a lake built over several runs holds exactly the rows a
-    single run over all their inputs would hold. ``batch`` must already be unique on ``dedup_key``.
+    With both kinds written (insert and replace), a lake built over several runs holds the rows a single run
+    over all their inputs would hold (the same captures; a replaced row keeps its stored uid). ``batch`` must
+    already be unique on ``dedup_key``.
     """
     kept = existing.select(F.col(DEDUP_KEY).alias("_kept_key"), survivor_rank().alias("_kept_rank"))
     joined = batch.join(kept, batch[DEDUP_KEY] == kept["_kept_key"], "left")

@@ -3,8 +3,16 @@
 Incremental by construction: every run reads ``pairs``, keeps one row per key, and MERGEs into ``candidates``
 only the keys the lake has not seen, plus the keys for which this batch holds an earlier survivor than the
 one stored (an older crawl ingested later). Several runs over overlapping inputs therefore leave the table
-exactly as one run over all of them would, and a rerun with no new pairs writes no row. Language detection,
-the expensive step, runs only on the rows that are written.
+holding the same captures as one run over all of them would, and a rerun with no new pairs writes no row.
+Language detection, the expensive step, runs only on the rows that are written.
+
+``candidates.uid`` is the uid of the first survivor stored for its key, and stays so. When an earlier capture
+replaces the stored row, every other column moves to it: its url and text (equal to the stored ones up to
+what the key folds away: case, width, ligatures; in ``url`` mode the text may differ entirely), its lineage
+(``source_file``, ``record_offset``, ``crawl_date``, ``page_url``) and its language. The uid does not,
+because ``images`` and ``embeddings`` are keyed by it: a new uid would orphan the stored download and fetch
+the URL again. So a replaced row's uid is not the sha1 of its own url and text, and one run over all inputs
+may store another uid for a key than several runs did; the capture stored is the same either way.
 
 Spark jobs per run: one aggregation over ``pairs`` (rows in, every rule's drops and the distinct keys, all
 at once), then the MERGE. The rows written come from the MERGE's own Delta metrics, not from a recount.
@@ -20,11 +28,14 @@ from pyspark.sql import functions as F
 
 from laion_spark.candidates.dedup import (
     DEDUP_KEY,
+    TEXT_KEY,
     add_dedup_key,
+    add_text_key,
     dedup_key,
     keep_first_per_key,
     keep_new_or_earlier,
     survivor_rank,
+    text_key_of,
 )
 from laion_spark.candidates.language import detect_language, validate_languages
 from laion_spark.candidates.rules import (
@@ -47,11 +58,13 @@ STAGE = "candidates"
 def build_candidates(pairs: DataFrame, existing: DataFrame, config: CandidatesConfig | None = None) -> DataFrame:
     """The rows ``pairs`` contributes to a ``candidates`` table holding ``existing``, with their language.
 
-    Pure: usable from a notebook on any frame with the pairs columns (``existing`` may be empty).
+    Pure: usable from a notebook on any frame with the pairs columns (``existing`` may be empty). A frame
+    without ``text_key`` gets Spark's approximation of it (``dedup.dedup_text``).
     """
     config = config or CandidatesConfig()
     return (
         pairs.transform(apply_rules, config.rules)
+        .transform(add_text_key)
         .transform(add_dedup_key, config.dedup.mode)
         .transform(keep_first_per_key)
         .transform(keep_new_or_earlier, existing)
@@ -90,13 +103,13 @@ def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str |
 def _validate(config: CandidatesConfig) -> None:
     """Configuration mistakes surface here as one sentence, before any Spark job starts."""
     junk_text_regex(config.rules.junk_text_patterns)
-    dedup_key(F.col("url"), F.col("text"), config.dedup.mode)
+    dedup_key(F.col("url"), F.col(TEXT_KEY), config.dedup.mode)
     validate_languages(config.language.languages)
 
 
 def _count_rules_and_keys(pairs: DataFrame, config: CandidatesConfig) -> tuple[int, list[tuple[str, int]], int]:
     marked = mark_rule_failures(pairs, config.rules)
-    survivor_key = F.when(F.col(DROPPED_BY).isNull(), dedup_key(F.col("url"), F.col("text"), config.dedup.mode))
+    survivor_key = F.when(F.col(DROPPED_BY).isNull(), dedup_key(F.col("url"), text_key_of(marked), config.dedup.mode))
     row = marked.agg(
         F.count(F.lit(1)).alias("rows_in"),
         *rule_drop_columns(config.rules),
@@ -107,15 +120,20 @@ def _count_rules_and_keys(pairs: DataFrame, config: CandidatesConfig) -> tuple[i
 
 
 def _merge_candidates(rows: DataFrame, lake: str) -> tuple[int, int]:
-    """MERGE on ``dedup_key``: insert new keys, replace a stored row by an earlier survivor. (inserted, replaced)"""
+    """MERGE on ``dedup_key``: insert new keys, replace a stored row by an earlier survivor. (inserted, replaced)
+
+    A replacement keeps the stored ``uid`` (see the module docstring): the download and the embedding of the
+    key stay attached to it.
+    """
     spark = rows.sparkSession
     target = DeltaTable.forPath(spark, table_path(lake, CANDIDATES))
+    all_but_uid = {name: F.col(f"source.{name}") for name in CANDIDATES_SCHEMA.fieldNames() if name != "uid"}
     version_before = _latest_version(target)
     (
         target.alias("target")
         .merge(rows.alias("source"), F.col(f"target.{DEDUP_KEY}") == F.col(f"source.{DEDUP_KEY}"))
         # Re-checked here, not only in keep_new_or_earlier, so a concurrent run can never replace an earlier row.
-        .whenMatchedUpdateAll(condition=survivor_rank("source.") < survivor_rank("target."))
+        .whenMatchedUpdate(condition=survivor_rank("source.") < survivor_rank("target."), set=all_but_uid)
         .whenNotMatchedInsertAll()
         .execute()
     )

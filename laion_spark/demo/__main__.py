@@ -11,16 +11,24 @@ import argparse
 import shutil
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from laion_spark.config import load_config
+import laion_spark
+from laion_spark.config import apply_override, load_config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = PROJECT_ROOT / "conf" / "demo.yaml"
+# Shipped inside the package, so that the demo runs from an installed wheel as well as from a checkout.
+DEFAULT_CONFIG = resources.files("laion_spark.demo").joinpath("demo.yaml")
+DEFAULT_MODELS_DIR = Path(".cache") / "models"
 
 
-def run_demo(workdir: Path, config_path: Path = DEFAULT_CONFIG, overrides: list[str] | None = None) -> str:
+def run_demo(
+    workdir: Path,
+    config_path: Path | None = None,
+    overrides: list[str] | None = None,
+    models_dir: Path = DEFAULT_MODELS_DIR,
+) -> str:
     from laion_spark.candidates import run_candidates
     from laion_spark.download import run_download
     from laion_spark.extract import run_extract
@@ -31,6 +39,7 @@ def run_demo(workdir: Path, config_path: Path = DEFAULT_CONFIG, overrides: list[
     from laion_spark.storage import new_run_id, read_table
     from laion_spark.testing.sample_crawl import write_sample_crawl
     from laion_spark.testing.server import serve_synthetic_images
+    from laion_spark.testing.tiny_clip import MODEL_NAME, ensure_tiny_clip
 
     lake = workdir / "lake"
     crawl = workdir / "crawl"
@@ -38,15 +47,18 @@ def run_demo(workdir: Path, config_path: Path = DEFAULT_CONFIG, overrides: list[
         shutil.rmtree(directory, ignore_errors=True)  # the demo is a fresh build every time
     crawl.mkdir(parents=True)
 
+    print(f"laion_spark {laion_spark.__version__} from {Path(laion_spark.__file__).parent}")
     server, base_url = serve_synthetic_images(host="127.0.0.1", port=0)
     try:
         netloc = urlsplit(base_url).netloc
-        config = load_config(config_path, [f"download.allowed_hosts=['{netloc}']", *(overrides or [])])
-        # Executors of a standalone cluster run in their own work directories: give them absolute paths.
-        for key in ("model_config", "pretrained"):
-            value = getattr(config.clip, key)
-            if value and not Path(value).is_absolute() and (PROJECT_ROOT / value).exists():
-                setattr(config.clip, key, str(PROJECT_ROOT / value))
+        with resources.as_file(DEFAULT_CONFIG) as default_config:
+            config = load_config(config_path or default_config, [f"download.allowed_hosts=['{netloc}']"])
+        if config.clip.model == MODEL_NAME and not config.clip.model_config:
+            # Absolute paths: executors of a standalone cluster run in their own work directories.
+            tiny = ensure_tiny_clip(Path(models_dir) / MODEL_NAME)
+            config.clip.model_config, config.clip.pretrained = tiny["model_config"], tiny["pretrained"]
+        for override in overrides or []:
+            apply_override(config, override)
         archives = write_sample_crawl(crawl, base_url)
         print(f"sample crawl: {len(archives)} archives in {crawl}, images served from {base_url}")
         spark = get_spark(config)
@@ -77,10 +89,16 @@ def run_demo(workdir: Path, config_path: Path = DEFAULT_CONFIG, overrides: list[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m laion_spark.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=".cache/demo", help="where the sample crawl and the lake are written")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: conf/demo.yaml)")
+    parser.add_argument("--config", help="config file (default: the demo.yaml shipped in laion_spark/demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--models-dir",
+        default=str(DEFAULT_MODELS_DIR),
+        help="where the tiny CLIP model is, or is trained on first use (default: .cache/models)",
+    )
     args = parser.parse_args(argv)
-    run_demo(Path(args.workdir).resolve(), Path(args.config), args.overrides)
+    config = Path(args.config) if args.config else None
+    run_demo(Path(args.workdir).resolve(), config, args.overrides, Path(args.models_dir))
     return 0
 
 

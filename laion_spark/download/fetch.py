@@ -23,7 +23,13 @@ from urllib.parse import urljoin, urlsplit
 from laion_spark import __version__
 from laion_spark.config import DownloadConfig
 from laion_spark.download import status
-from laion_spark.download.safety import AllowedHost, blocked_reason, parse_allow_list, robots_disallows
+from laion_spark.download.safety import (
+    AllowedHost,
+    address_before_lookup,
+    blocked_reason,
+    parse_allow_list,
+    robots_disallows,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -374,6 +380,11 @@ class Fetcher:
     def _connect(self, target: _Target, deadline: float) -> socket.socket:
         """Resolve once, check every address, connect to a checked one: never a second lookup."""
         settings = self.settings
+        named = address_before_lookup(target.host) if settings.ssrf_guard else None
+        if named is not None:
+            reason = blocked_reason(target.host, named, target.port, settings.allowed_hosts)
+            if reason is not None:
+                raise _Stop(status.BLOCKED_ADDRESS, reason)
         try:
             infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:

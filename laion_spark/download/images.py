@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import warnings
+import threading
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,6 +22,7 @@ RESIZE_MODES = ("border", "keep_ratio", "center_crop", "no")
 ENCODE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # EXIF orientations that swap width and height.
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_pillow_limit_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -77,22 +78,23 @@ def process_image(body: bytes, settings: ImageSettings) -> ProcessedImage:
     if len(body) < settings.min_image_bytes:
         return ProcessedImage(status.TOO_SMALL, f"{len(body)} bytes, below min_image_bytes", sha256=digest)
     facts = ProcessedImage("", sha256=digest)
+    _keep_pillow_limit_at_least(settings.max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(body))
-            width, height = image.size
-            if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
-                width, height = height, width
-            facts.original_width, facts.original_height = width, height
-            refusal = _check_dimensions(width, height, settings)
-            if refusal is not None:
-                facts.status, facts.error = refusal
-                return facts
-            _draft(image, width, height, settings)
-            image.load()
+        image = Image.open(io.BytesIO(body))
+        width, height = image.size
+        if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+            width, height = height, width
+        facts.original_width, facts.original_height = width, height
+        refusal = _check_dimensions(width, height, settings)
+        if refusal is not None:
+            facts.status, facts.error = refusal
+            return facts
+        _draft(image, width, height, settings)
+        image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        facts.status, facts.error = status.TOO_LARGE, f"decompression bomb: {exc}"
+        # Pillow's limit is never below max_pixels, so its complaint means ours is passed too. The warning only
+        # arrives as an exception where the caller's own filters make it one (python -W error).
+        facts.status, facts.error = status.TOO_LARGE, f"more than max_pixels {settings.max_pixels}: {exc}"
         return facts
     except UnidentifiedImageError:
         facts.status, facts.error = status.FAILED_TO_DECODE, "not an image Pillow can identify"
@@ -109,6 +111,26 @@ def process_image(body: bytes, settings: ImageSettings) -> ProcessedImage:
     facts.status = status.SUCCESS
     facts.width, facts.height = resized.size
     return facts
+
+
+def _keep_pillow_limit_at_least(max_pixels: int) -> None:
+    """Raise Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` to ``max_pixels`` if it is lower; never lower it.
+
+    ``max_pixels`` is the limit that applies, checked by :func:`_check_dimensions` from the header. But Pillow checks
+    its own limit first, inside ``Image.open`` (an error above twice it), so a raised ``max_pixels`` needs Pillow's
+    raised too. That limit is one global shared by every fetch thread, each possibly with other settings: setting it
+    per call, or filtering its warnings per call, would race. Only ever raising it, under a lock, cannot: once a
+    thread has it at its ``max_pixels`` no other thread takes it back down, and a thread with a lower ``max_pixels``
+    is still refused by its own header check. It is raised rather than switched off (``None``) because Pillow also
+    checks it where our header check cannot look: later GIF frames, ICO and ICNS entries, TIFF tiles, MPO pages.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is None or current >= max_pixels:
+        return
+    with _pillow_limit_lock:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and current < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _orientation(image: Image.Image) -> int:

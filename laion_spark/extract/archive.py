@@ -5,6 +5,11 @@ files, everything when ``extract.reader`` is ``warcio``, and re-reads a WARC tha
 stop silently at a truncated gzip member, so :class:`TrackedStream` keeps the bytes of the record being read
 (bounded) and :func:`iter_records` checks the end of the file itself, turning silent truncation into
 :class:`DamagedArchive`.
+
+The HTTP head of a response is split and parsed here rather than by fastwarc: older crawls (WARC/0.18, the
+ClueWeb era) end header lines with a bare LF, and fastwarc, which only knows CRLF, then takes the start of the page
+for headers, losing the charset and the first ``<img>`` tags with it. :func:`split_http_response` ends the head at
+the first blank line of either kind, as warcio does.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import datetime as dt
 import re
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 # The stream keeps the bytes from the start of the record being read, for the end-of-file check, up to this cap
@@ -27,6 +32,21 @@ _ARC_RECORD_LINE = re.compile(rb"^\S+ [0-9a-fA-F.:]+ \d{12,18} \S* ?-?\d+\s*$", 
 # WAT records without this JSON value have no images (see wat.py); checking for it first skips most records.
 WAT_IMAGE_MARKER = b'"IMG@/src"'
 
+# What iter_records yields: extraction's WAT metadata records and HTML responses, or the responses that may hold
+# an image (archive-mode download).
+PAGE_RECORDS = "pages"
+IMAGE_RECORDS = "images"
+RECORD_KINDS = (PAGE_RECORDS, IMAGE_RECORDS)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif")
+
+# The HTTP head ends at the first empty line, CRLF or bare LF; a head longer than fastwarc's own limit is cut.
+_HEAD_END = re.compile(rb"\n\r?\n")
+_HEAD_READ_BYTES = 4096
+MAX_HTTP_HEAD_BYTES = 32 * 1024
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# A decompressed body stops here (a page or image this large is useless, a gzip bomb is not our problem to hold).
+MAX_DECODED_BODY_BYTES = 256 * 1024 * 1024
+
 
 class NotAnArchive(ValueError):
     """The file is readable but is neither WARC (WAT) nor ARC."""
@@ -38,7 +58,10 @@ class DamagedArchive(OSError):
 
 @dataclass(slots=True)
 class ArchiveRecord:
-    """A record worth parsing: a WAT metadata record (JSON) or an HTML response."""
+    """A record worth parsing: a WAT metadata record (JSON), an HTML response, or a response that may be an image.
+
+    For responses, ``payload`` is the HTTP body with its transfer and content encodings undone.
+    """
 
     source_format: str  # wat | warc | arc
     offset: int  # byte offset of the record (its gzip member) in the file as stored
@@ -46,11 +69,32 @@ class ArchiveRecord:
     date: dt.datetime | None
     payload: bytes
     http_charset: str | None  # from the HTTP Content-Type header, for HTML
+    http_status: int | None = None
+    http_headers: list[tuple[str, str]] = field(default_factory=list)
+
+    def http_header(self, name: str) -> str | None:
+        return _first_header(self.http_headers, name)
+
+    def http_header_values(self, name: str) -> list[str]:
+        name = name.lower()
+        return [value for key, value in self.http_headers if key.lower() == name]
 
 
 @dataclass
 class ReadCounts:
     records_read: int = 0
+    malformed_http_heads: int = 0  # bare-LF line ends or lines that are not "Name: value", read as warcio does
+
+
+@dataclass(slots=True)
+class HttpHead:
+    status: int | None
+    headers: list[tuple[str, str]]
+    malformed: bool  # bare-LF line ends, a missing or LF-only blank line, markup, lines that are not headers
+    first_values: dict[str, str] = field(default_factory=dict)  # lower-cased name -> its first value
+
+    def get(self, name: str) -> str | None:
+        return self.first_values.get(name.lower())
 
 
 class TrackedStream:
@@ -153,22 +197,32 @@ def sniff_format(head: bytes) -> tuple[str, bool]:
     raise NotAnArchive(f"not a WARC, WAT or ARC archive (starts with {preview!r})")
 
 
-def iter_records(stream: TrackedStream, reader: str, counts: ReadCounts) -> Iterator[ArchiveRecord]:
-    """Yield the WAT metadata and HTML response records of one file, counting every record read.
+def sniff_stream(stream: TrackedStream) -> tuple[str, bool]:
+    """:func:`sniff_format` on the first bytes of ``stream``, which are pushed back for the reader."""
+    return sniff_format(stream.peek_head(_SNIFF_BYTES))
 
+
+def iter_records(
+    stream: TrackedStream, reader: str, counts: ReadCounts, kind: str = PAGE_RECORDS
+) -> Iterator[ArchiveRecord]:
+    """Yield the records of one file that ``kind`` asks for, counting every record read.
+
+    ``PAGE_RECORDS``: WAT metadata records with images, and HTML responses. ``IMAGE_RECORDS``: responses that may
+    hold an image (typed ``image/*``, untyped, or named like an image file), whatever their HTTP status.
     Raises :class:`NotAnArchive` before the first record, or an ``OSError`` (a :class:`DamagedArchive` for
     silent truncation) after the records that could be read: callers keep what was yielded.
     """
-    head = stream.peek_head(_SNIFF_BYTES)
-    archive_format, gzipped = sniff_format(head)
+    if kind not in RECORD_KINDS:
+        raise ValueError(f"record kind must be one of {RECORD_KINDS}, got {kind!r}")
+    archive_format, gzipped = sniff_stream(stream)
     check_warc_length = archive_format == "warc"
     if archive_format == "arc" or reader == "warcio":
-        last_offset = yield from _iter_warcio(stream, archive_format, counts)
+        last_offset = yield from _iter_warcio(stream, archive_format, counts, kind)
         _check_end_of_file(stream, last_offset, gzipped, check_warc_length)
         return
     yielded = [-1]
     try:
-        last_offset = yield from _iter_fastwarc(stream, counts, yielded)
+        last_offset = yield from _iter_fastwarc(stream, counts, yielded, kind)
     except OSError as fastwarc_error:
         if reader != "auto" or not stream.rewind():
             raise
@@ -177,7 +231,7 @@ def iter_records(stream: TrackedStream, reader: str, counts: ReadCounts) -> Iter
         records_before = counts.records_read
         counts.records_read = 0
         try:
-            last_offset = yield from _iter_warcio(stream, archive_format, counts, skip_through=yielded[0])
+            last_offset = yield from _iter_warcio(stream, archive_format, counts, kind, skip_through=yielded[0])
             _check_end_of_file(stream, last_offset, gzipped, check_warc_length)
         except Exception as warcio_error:
             counts.records_read = max(counts.records_read, records_before)
@@ -188,66 +242,92 @@ def iter_records(stream: TrackedStream, reader: str, counts: ReadCounts) -> Iter
     _check_end_of_file(stream, last_offset, gzipped, check_warc_length)
 
 
-def _iter_fastwarc(stream: TrackedStream, counts: ReadCounts, yielded: list[int]) -> Iterator[ArchiveRecord]:
+def _iter_fastwarc(stream: TrackedStream, counts: ReadCounts, yielded: list[int], kind: str) -> Iterator[ArchiveRecord]:
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     response, metadata = WarcRecordType.response, WarcRecordType.metadata
+    want_pages = kind == PAGE_RECORDS
     last_offset = -1
-    for record in ArchiveIterator(stream, parse_http=True, auto_decode="all"):
+    # parse_http=False: the HTTP head is split here (see the module docstring), which also undoes the transfer
+    # and content encodings the way fastwarc's auto_decode would.
+    for record in ArchiveIterator(stream, parse_http=False):
         counts.records_read += 1
         last_offset = record.stream_pos
         stream.forget_before(last_offset)
         record_type = record.record_type
+        target_uri = None
         if record_type == metadata:
+            if not want_pages:
+                continue
             # The image marker test comes before any header lookup: most WAT records fail it.
             payload = record.reader.read()
             if WAT_IMAGE_MARKER not in payload or "json" not in record.headers.get("Content-Type", ""):
                 continue
-            source_format = "wat"
-            charset = None
-        elif record_type == response:
-            if not record.is_http or "html" not in (record.http_content_type or "html"):
-                continue
+            source_format, charset, head = "wat", None, None
+        elif record_type == response and record.is_http:
+            head, body_start = _read_http_head(record.reader)
+            if head.malformed:
+                counts.malformed_http_heads += 1
+            content_type = head.get("Content-Type")
+            if want_pages:
+                if not is_html(content_type):
+                    continue
+                charset = _charset_from_content_type(content_type) if content_type else None
+            else:
+                target_uri = record.headers.get("WARC-Target-URI")
+                if not looks_like_image(target_uri, content_type):
+                    continue
+                charset = None
             source_format = "warc"
-            charset = record.http_charset
-            payload = record.reader.read()
+            payload = decode_http_body(body_start + record.reader.read(), head)
         else:
             continue
         yielded[0] = last_offset
         yield ArchiveRecord(
             source_format,
             last_offset,
-            record.headers.get("WARC-Target-URI"),
+            target_uri or record.headers.get("WARC-Target-URI"),
             _utc_naive(record.record_date),
             payload,
             charset,
+            head.status if head is not None else None,
+            head.headers if head is not None else [],
         )
     return last_offset
 
 
 def _iter_warcio(
-    stream: TrackedStream, archive_format: str, counts: ReadCounts, skip_through: int = -1
+    stream: TrackedStream, archive_format: str, counts: ReadCounts, kind: str, skip_through: int = -1
 ) -> Iterator[ArchiveRecord]:
     from warcio.archiveiterator import ArchiveIterator
 
+    want_pages = kind == PAGE_RECORDS
     iterator = ArchiveIterator(stream, arc2warc=True)
     last_offset = -1
     for record in iterator:
         counts.records_read += 1
-        source_format, charset = None, None
+        source_format, charset, http_headers = None, None, record.http_headers
         if record.rec_type == "metadata":
-            if "json" in (record.rec_headers.get_header("Content-Type") or ""):
+            if want_pages and "json" in (record.rec_headers.get_header("Content-Type") or ""):
                 source_format = "wat"
-        elif record.rec_type == "response" and record.http_headers is not None:
-            content_type = record.http_headers.get_header("Content-Type") or "text/html"
-            if "html" in content_type.lower():
+        elif record.rec_type == "response" and http_headers is not None:
+            content_type = http_headers.get_header("Content-Type")
+            if want_pages:
+                if is_html(content_type):
+                    source_format = "arc" if archive_format == "arc" else "warc"
+                    charset = _charset_from_content_type(content_type) if content_type else None
+            elif looks_like_image(record.rec_headers.get_header("WARC-Target-URI"), content_type):
                 source_format = "arc" if archive_format == "arc" else "warc"
-                charset = _charset_from_content_type(content_type)
         payload = record.content_stream().read() if source_format else b""
         # warcio knows a record's offset only once it has been read to its end.
         last_offset = iterator.get_record_offset()
         stream.forget_before(last_offset)
         if source_format and last_offset > skip_through:
+            status, headers = None, []
+            if source_format != "wat":
+                code = http_headers.get_statuscode()
+                status = int(code) if code and code.isdigit() else None
+                headers = list(http_headers.headers)
             yield ArchiveRecord(
                 source_format,
                 last_offset,
@@ -255,8 +335,156 @@ def _iter_warcio(
                 _parse_warc_date(record.rec_headers.get_header("WARC-Date")),
                 payload,
                 charset,
+                status,
+                headers,
             )
     return last_offset
+
+
+def is_html(content_type: str | None) -> bool:
+    """A response worth parsing for ``<img>`` tags: typed as HTML (XHTML included), or not typed at all."""
+    if not content_type:
+        return True
+    return "html" in content_type.split(";", 1)[0].lower()
+
+
+def looks_like_image(url: str | None, content_type: str | None) -> bool:
+    """Skip pages, scripts and styles; keep anything typed as an image, untyped, or named like one."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind.startswith("image/") or kind in ("", "application/octet-stream", "binary/octet-stream"):
+        return True
+    return (url or "").strip("<> ").split("?", 1)[0].lower().endswith(IMAGE_EXTENSIONS)
+
+
+def split_http_response(data: bytes) -> tuple[HttpHead, int]:
+    """The HTTP head at the start of ``data`` (a response block), and the offset of the body in it.
+
+    The head ends at the first empty line, ``\\r\\n`` or bare ``\\n`` (warcio's rule; fastwarc knows only CRLF),
+    or earlier at a line of markup: a server that sent its page without the blank line.
+    """
+    if not data:
+        return HttpHead(None, [], False), 0
+    match = _HEAD_END.search(data, 0, MAX_HTTP_HEAD_BYTES + 3)
+    if match is not None and data[match.start() - 1 : match.end()] == b"\r\n\r\n":
+        text = data[: match.start() - 1].decode("latin-1")
+        # The common case, CRLF lines and no markup, costs one split.
+        if "\n<" not in text and text[:1] != "<" and text.count("\n") == text.count("\r\n"):
+            return _parse_head_lines(text.split("\r\n"), malformed=False), match.end()
+    if match is not None:
+        head_end, body_start = match.start(), match.end()
+    else:
+        head_end = body_start = min(len(data), MAX_HTTP_HEAD_BYTES)
+    lines = data[:head_end].decode("latin-1").split("\n")
+    offset = 0
+    for number, line in enumerate(lines):
+        if line[:1] == "<":
+            lines, body_start = lines[:number], offset
+            break
+        offset += len(line) + 1
+    return _parse_head_lines([line.removesuffix("\r") for line in lines], malformed=True), body_start
+
+
+def _parse_head_lines(lines: list[str], malformed: bool) -> HttpHead:
+    parts = lines[0].split(None, 2) if lines else []
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t") and headers:  # obsolete line folding
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {line.strip()}".strip())
+            continue
+        name, colon, value = line.partition(":")
+        name = name.rstrip(" \t")
+        if colon and _HEADER_NAME.fullmatch(name):
+            headers.append((name, value.strip()))
+        else:
+            malformed = True  # dropped, as warcio and fastwarc drop it
+    first_values: dict[str, str] = {}
+    for name, value in reversed(headers):
+        first_values[name.lower()] = value
+    return HttpHead(status, headers, malformed, first_values)
+
+
+def decode_http_body(body: bytes, head: HttpHead) -> bytes:
+    """``body`` with its chunked transfer encoding and gzip, deflate or brotli content encoding undone.
+
+    Damage keeps what could be decoded (a truncated record), and a body that is not what its header claims is
+    returned as it is.
+    """
+    transfer = head.get("Transfer-Encoding")
+    if transfer and "chunked" in transfer.lower():
+        body = _dechunk(body)
+    encoding = (head.get("Content-Encoding") or "").strip().lower()
+    if encoding and encoding != "identity":
+        body = _decompress(body, encoding)
+    return body
+
+
+def _read_http_head(reader) -> tuple[HttpHead, bytes]:
+    """Read a response record's HTTP head from fastwarc's payload reader: (head, the body bytes read with it)."""
+    data = reader.read(_HEAD_READ_BYTES)
+    while _HEAD_END.search(data, max(0, len(data) - _HEAD_READ_BYTES - 2)) is None and (
+        len(data) < MAX_HTTP_HEAD_BYTES
+    ):
+        more = reader.read(_HEAD_READ_BYTES)
+        if not more:
+            break
+        data += more
+    head, body_start = split_http_response(data)
+    return head, data[body_start:]
+
+
+def _dechunk(data: bytes) -> bytes:
+    chunks = []
+    position = 0
+    while position < len(data):
+        line_end = data.find(b"\n", position)
+        if line_end < 0:
+            break
+        try:
+            size = int(data[position:line_end].split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            if not chunks:
+                return data  # not chunked after all
+            chunks.append(data[position:])  # keep the bytes rather than guess
+            break
+        if size <= 0:
+            break
+        start = line_end + 1
+        chunks.append(data[start : start + size])
+        position = start + size
+        position += 2 if data.startswith(b"\r\n", position) else 1 if data.startswith(b"\n", position) else 0
+    return b"".join(chunks)
+
+
+def _decompress(data: bytes, encoding: str) -> bytes:
+    if encoding == "br":
+        import brotli
+
+        try:
+            return brotli.Decompressor().process(data)
+        except brotli.error:
+            return data
+    if encoding in ("gzip", "x-gzip"):
+        attempts = (47,)  # gzip or zlib header, detected
+    elif encoding == "deflate":
+        attempts = (15, -15)  # zlib-wrapped as the RFC says, or raw deflate as some servers send it
+    else:
+        return data
+    for wbits in attempts:
+        try:
+            return zlib.decompressobj(wbits).decompress(data, MAX_DECODED_BODY_BYTES)
+        except zlib.error:
+            continue
+    return data
+
+
+def _first_header(headers: list[tuple[str, str]], name: str) -> str | None:
+    name = name.lower()
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
 
 
 def _check_end_of_file(stream: TrackedStream, last_offset: int, gzipped: bool, check_warc_length: bool) -> None:

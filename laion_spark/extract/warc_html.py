@@ -51,17 +51,18 @@ def decode_html(payload: bytes, http_charset: str | None, fallback_encoding: str
         return payload[3:].decode("utf-8", "replace"), "utf-8"
     for label, in_meta in ((http_charset, False), (_meta_charset(payload), True)):
         codec = _browser_codec(label, in_meta) if label else None
-        if codec is not None and codec.name == "replacement":
-            # WHATWG's "replacement" encoding (ISO-2022-KR, HZ-GB-2312, ...): labels whose decoders let a page
-            # smuggle markup past filters, so a browser shows one U+FFFD instead of the page.
+        if codec is None:
+            continue
+        if codec.name == "replacement":
+            # WHATWG's "replacement" encoding (ISO-2022-KR, HZ-GB-2312, ...): escape-sequence encodings that could
+            # hide markup from filters on the server, so a browser shows one U+FFFD instead of the page.
             return ("\ufffd" if payload else ""), codec.name
-        if codec is not None:
-            return codec.decode(payload, "replace")[0], codec.name
+        return _decode(payload, codec), codec.name
     try:
         return payload.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         codec = _fallback_codec(fallback_encoding)
-        return codec.decode(payload, "replace")[0], codec.name
+        return _decode(payload, codec), codec.name
 
 
 def _meta_charset(payload: bytes) -> str | None:
@@ -71,10 +72,10 @@ def _meta_charset(payload: bytes) -> str | None:
 
 # WHATWG names an encoding after its legacy label, but decodes it with a wider table than the Python codec of that
 # name: its GBK is GB18030, its Shift_JIS has the NEC and IBM rows of Windows' cp932, its EUC-KR is Windows' UHC
-# (cp949), its Big5 includes HKSCS, and its windows-1252 is Python's cp1252 (Python's latin-1 has C1 controls where
-# pages mean curly quotes). The strict codecs turn characters such as 镕, ①, 髙 and 똠 into U+FFFD, and the pair is
-# then dropped as binary text. EUC-JP stays euc_jp: euc_jis_2004 reads rows 89-92 and 0x8F sequences as JIS X 0213
-# where browsers read the IBM extensions and JIS X 0212.
+# (cp949), its Big5 includes HKSCS, and its windows-1252 (which iso-8859-1 and ascii labels also mean) is cp1252.
+# The strict codecs turn characters such as 镕, ①, 髙 and 똠 into U+FFFD, and the pair is then dropped as binary
+# text. EUC-JP stays euc_jp, which lacks the NEC row 13 and the IBM rows 89-92 that browsers read: euc_jis_2004 has
+# row 13 but reads rows 89-92 as other characters (JIS X 0213), which is worse than U+FFFD.
 _BROWSER_CODECS = {
     "gbk": "gb18030",
     "shift_jis": "cp932",
@@ -88,7 +89,7 @@ _BROWSER_CODECS = {
 }
 
 
-@functools.lru_cache(maxsize=4096)  # a crawl has millions of pages and a few hundred distinct labels
+@functools.lru_cache(maxsize=4096)  # a crawl has millions of pages but few distinct labels
 def _browser_codec(label: str, in_meta: bool) -> codecs.CodecInfo | None:
     """The codec that decodes a page declared ``label`` as browsers do, or None for a label WHATWG does not know."""
     label = label.strip().strip("\"'")
@@ -105,12 +106,29 @@ def _browser_codec(label: str, in_meta: bool) -> codecs.CodecInfo | None:
 
 @functools.lru_cache(maxsize=16)
 def _fallback_codec(name: str) -> codecs.CodecInfo:
-    """``extract.fallback_encoding`` read as a browser reads that label; a Python codec name WHATWG does not know
-    (``latin-1``, ``euc_jp``) is still the user's choice, and a name neither knows means windows-1252."""
+    """``extract.fallback_encoding`` read as a browser reads that label. Python spellings count too (``latin-1`` is
+    Python's ``iso8859-1``, hence windows-1252), a Python codec WHATWG does not know (``euc_jis_2004``) is still
+    the user's choice, and a name that neither knows means windows-1252."""
+    try:
+        python_codec = codecs.lookup(name)
+    except LookupError:
+        python_codec = None
     codec = _browser_codec(name, False)
-    if codec is None:
-        try:
-            codec = codecs.lookup(name)
-        except LookupError:
-            codec = _browser_codec("windows-1252", False)
-    return codec
+    if codec is None and python_codec is not None:
+        codec = _browser_codec(python_codec.name, False) or python_codec
+    return codec or _browser_codec("windows-1252", False)
+
+
+def _decode(payload: bytes, codec: codecs.CodecInfo) -> str:
+    return codec.decode(payload, _DECODE_ERRORS.get(codec.name, "replace"))[0]
+
+
+def _gb18030_euro(error: UnicodeError) -> tuple[str, int]:
+    """``replace``, except that a lone 0x80 is €: Windows' cp936 wrote it so, and WHATWG's GBK decoder reads it so."""
+    if isinstance(error, UnicodeDecodeError) and error.object[error.start] == 0x80:
+        return "\u20ac", error.start + 1
+    return "\ufffd", error.end
+
+
+codecs.register_error("laion_spark.gb18030_euro", _gb18030_euro)
+_DECODE_ERRORS = {"gb18030": "laion_spark.gb18030_euro"}

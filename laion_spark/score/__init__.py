@@ -1,7 +1,6 @@
 """images + texts -> CLIP embeddings, similarity and NSFW tags: the ``embeddings`` and ``dataset`` tables."""
 
 from laion_spark.score.model import (
-    TINY_CLIP_THRESHOLD,
     LoadedClip,
     ModelLoadError,
     ModelSpec,
@@ -12,7 +11,6 @@ from laion_spark.score.model import (
     load_count,
     task_device,
     task_gpu_addresses,
-    tiny_clip_settings,
 )
 from laion_spark.score.nsfw import (
     NSFW,
@@ -38,7 +36,6 @@ __all__ = [
     "FAILED_TO_DECODE",
     "NSFW",
     "SCORED_SCHEMA",
-    "TINY_CLIP_THRESHOLD",
     "UNLIKELY",
     "UNSURE",
     "LoadedClip",
@@ -62,7 +59,6 @@ __all__ = [
     "score_record_batches",
     "task_device",
     "task_gpu_addresses",
-    "tiny_clip_settings",
     "to_embeddings_rows",
     "zero_shot_tags",
 ]

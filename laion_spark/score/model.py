@@ -22,11 +22,6 @@ from laion_spark.config import ClipConfig, ConfigError
 
 log = logging.getLogger(__name__)
 
-TINY_CLIP_DIR = ".cache/models/tiny-clip"
-TINY_CLIP_NAME = "tiny-clip"
-# The tiny model's cosine similarities are not ViT-B/32's: matching captions of held-out synthetic images score
-# about 0.9 and mismatching ones about 0.0 (see scripts/train_tiny_clip.py), so the demo cuts in between.
-TINY_CLIP_THRESHOLD = 0.5
 
 
 class ModelLoadError(ConfigError):
@@ -59,17 +54,6 @@ class ModelSpec:
         if self.model_config:
             parts.append(f"model config '{self.model_config}'")
         return ", ".join(parts)
-
-
-def tiny_clip_settings(directory: str | Path = TINY_CLIP_DIR) -> dict[str, Any]:
-    """``clip`` config values that select the tiny model written by ``scripts/train_tiny_clip.py``."""
-    directory = Path(directory)
-    return {
-        "model": TINY_CLIP_NAME,
-        "model_config": str(directory / f"{TINY_CLIP_NAME}.json"),
-        "pretrained": str(directory / "tiny_clip.pt"),
-        "threshold": TINY_CLIP_THRESHOLD,
-    }
 
 
 def choose_device(requested: str, gpu_addresses: Sequence[str] | None, cuda_available: bool) -> str:
