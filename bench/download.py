@@ -57,7 +57,7 @@ def _lake_with_candidates(spark, urls: list[str]) -> str:
     rows = []
     for i, url in enumerate(urls):
         uid = hashlib.sha1(f"{url}\tcaption {i}".encode()).hexdigest()
-        rows.append((uid, uid, url, f"caption {i}", None, "bench", None, None, "en", 1.0))
+        rows.append((uid, uid, url, f"caption {i}", f"caption {i}", None, "bench", None, None, "en", 1.0))
     append(spark.createDataFrame(rows, CANDIDATES_SCHEMA), lake, CANDIDATES)
     return lake
 

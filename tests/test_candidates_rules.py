@@ -8,13 +8,14 @@ import pytest
 
 from laion_spark.candidates import DROPPED_BY, apply_rules, count_rule_drops, mark_rule_failures
 from laion_spark.config import ConfigError, RulesConfig
+from laion_spark.extract.text import text_key
 from laion_spark.schemas import PAIRS_SCHEMA
 
 CRAWL = dt.datetime(2024, 1, 1)
 
 
 def pair(uid: str, url: str, text: str | None) -> tuple:
-    return (uid, url, text, "https://example.org/page", "file-a.wat.gz", 0, CRAWL, "wat")
+    return (uid, url, text, text_key(text or ""), "https://example.org/page", "file-a.wat.gz", 0, CRAWL, "wat")
 
 
 def test_each_rule_drops_its_rows_and_counts_them_in_one_pass(spark):

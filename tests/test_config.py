@@ -25,7 +25,9 @@ def test_defaults_follow_laion():
     assert config.download.ssrf_guard is True
 
 
-@pytest.mark.parametrize("path", ["conf/local.yaml", "conf/databricks.yaml", "conf/emr.yaml", "laion_spark/demo/demo.yaml"])
+@pytest.mark.parametrize(
+    "path", ["conf/local.yaml", "conf/databricks.yaml", "conf/emr.yaml", "laion_spark/demo/demo.yaml"]
+)
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(PROJECT_ROOT / path), Config)
 

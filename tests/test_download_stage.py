@@ -19,6 +19,7 @@ from warcio.warcwriter import WARCWriter
 
 from laion_spark.config import Config, ConfigError
 from laion_spark.download import run_download, status
+from laion_spark.extract.text import text_key
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, IMAGES, STAGE_STATS
 from laion_spark.storage import append, read_table
 from laion_spark.testing.server import serve_synthetic_images
@@ -28,7 +29,7 @@ def _write_candidates(spark, lake: str, pairs: list[tuple[str, str]]) -> None:
     rows = []
     for url, text in pairs:
         uid = hashlib.sha1(f"{url}\t{text}".encode()).hexdigest()
-        rows.append((uid, uid, url, text, None, "test.warc.gz", 0, None, "en", 0.99))
+        rows.append((uid, uid, url, text, text_key(text), None, "test.warc.gz", 0, None, "en", 0.99))
     append(spark.createDataFrame(rows, CANDIDATES_SCHEMA), lake, CANDIDATES)
 
 

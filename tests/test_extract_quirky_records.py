@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from laion_spark.extract import ExtractRules, FileStatus, extract_file
+from laion_spark.extract.archive import ReadCounts, TrackedStream, iter_records
 
 SITE = "http://www.example.jp"
 FIRST_ALT = "日本語の説明文です"
@@ -133,3 +134,33 @@ def test_page_sent_without_the_blank_line_after_its_head(tmp_path: Path, reader:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=EUC-JP\r\n"
     path = write_records(tmp_path / "nohead.warc.gz", [warc_record("1.0", f"{SITE}/c.html", head + page_body(), 1)])
     assert pairs_of(path, reader)[0] == EXPECTED
+
+
+def chunked(data: bytes, size: int = 100) -> bytes:
+    parts = [b"%x\r\n%s\r\n" % (len(data[i : i + size]), data[i : i + size]) for i in range(0, len(data), size)]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("lf", [b"\r\n", b"\n"])
+def test_chunked_and_gzip_encoded_pages_are_decoded(tmp_path: Path, lf: bytes) -> None:
+    """Reading the head ourselves means decoding the body ourselves: transfer and content encodings, any line end."""
+    fields = [b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked", b"Content-Encoding: gzip"]
+    head = lf.join([*fields, b"Content-Type: text/html; charset=EUC-JP", b"", b""])
+    body = chunked(gzip.compress(page_body()))
+    path = write_records(tmp_path / "encoded.warc.gz", [warc_record("1.0", f"{SITE}/d.html", head + body, 1)])
+    for reader in READERS:
+        assert pairs_of(path, reader)[0] == EXPECTED, reader
+
+
+def test_reparsed_heads_are_counted(tmp_path: Path) -> None:
+    clean_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=EUC-JP\r\n\r\n"
+    records = [
+        warc_record("0.18", f"{SITE}/{n}.html", head + page_body(), n)
+        for n, head in enumerate([BARE_LF_HEAD, clean_head, NOT_A_HEADER_HEAD])
+    ]
+    path = write_records(tmp_path / "counted.warc.gz", records)
+    counts = ReadCounts()
+    with open(path, "rb") as handle:
+        pages = list(iter_records(TrackedStream(handle), "fastwarc", counts))
+    assert len(pages) == 3 and counts.records_read == 3 and counts.http_heads_reparsed == 2
+    assert {page.http_charset.lower() for page in pages} == {"euc-jp"}

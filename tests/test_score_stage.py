@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from laion_spark.config import Config
+from laion_spark.extract.text import text_key
 from laion_spark.schemas import (
     CANDIDATES,
     CANDIDATES_SCHEMA,
@@ -70,7 +71,7 @@ def _image_row(uid: str, status: str, image: bytes | None, size: int | None) -> 
 
 
 def _candidate_row(uid: str, text: str) -> tuple:
-    return (uid, uid, f"http://127.0.0.1/{uid}.jpg", text, None, "test.warc.gz", 0, None, "en", 0.99)
+    return (uid, uid, f"http://127.0.0.1/{uid}.jpg", text, text_key(text), None, "test.warc.gz", 0, None, "en", 0.99)
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +214,10 @@ def test_funnel_records_each_step(spark, scored_lake):
         step: (rows_in, rows_out) for stage, step, rows_in, rows_out in read_funnel(spark, scored_lake["lake"], "first")
     }
     scored = 2 * len(KINDS)
-    assert funnel["images_in"] == (scored + 4, scored + 3)
+    assert funnel["downloaded"] == (scored + 4, scored + 3)
     assert funnel["with_candidate_text"] == (scored + 3, scored + 2)
     assert funnel["not_yet_scored"] == (scored + 2, scored + 2)
+    assert funnel["scored"] == (scored + 2, scored + 2)
     assert funnel["failed_to_decode"] == (scored + 2, scored)
     assert funnel["above_threshold"] == (scored, len(KINDS))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StringType, StructField, StructType, TimestampType
 
 from laion_spark.config import ConfigError
 
@@ -26,13 +27,22 @@ MODES = ("url_text", "url")
 _LATEST = "9999-12-31 23:59:59"
 _MAX_LONG = 2**63 - 1
 _URL_PARTS = r"^([A-Za-z][A-Za-z0-9+.\-]*)://([^@/?#]*@)?([^/?#]*)([^#]*)"
+# survivor_rank's type: crawl_date, source_file, record_offset, url, text, page_url, every field nullable
+_CAPTURE_RANK = StructType(
+    [
+        StructField("k0", TimestampType()),
+        StructField("k1", StringType()),
+        StructField("k2", LongType()),
+        *[StructField(f"k{i}", StringType()) for i in (3, 4, 5)],
+    ]
+)
 
 
 def dedup_url(url: Column) -> Column:
-    """The URL as the dedup key sees it: lowercase scheme and host, drop the default port and the fragment, give an empty path its ``/``.
+    """The URL as the dedup key sees it: scheme and host lowercased, default port and fragment dropped.
 
-    The path and query keep their case: servers treat them as case-sensitive. A string that is not an
-    absolute URL is only trimmed and stripped of its fragment.
+    An empty path becomes ``/``; the path and query keep their case: servers treat them as case-sensitive. A
+    string that is not an absolute URL is only trimmed and stripped of its fragment.
     """
     trimmed = F.trim(url)
     scheme = F.lower(F.regexp_extract(trimmed, _URL_PARTS, 1))
@@ -103,7 +113,9 @@ def survivor_rank(prefix: str = "") -> Column:
     nothing about its capture and is left out: a row that ties on everything else is the stored capture itself,
     and a rerun must not replace it with itself.
     """
-    return F.struct(*[key.alias(f"k{i}") for i, key in enumerate(_capture_order(prefix))])
+    # The explicit all-nullable type: inside a MERGE, Delta resolves the comparison before its outer join
+    # makes the source columns nullable, and Spark's own struct coercion then fails on the changed nullability.
+    return F.struct(*[key.alias(f"k{i}") for i, key in enumerate(_capture_order(prefix))]).cast(_CAPTURE_RANK)
 
 
 def _capture_order(prefix: str) -> list[Column]:

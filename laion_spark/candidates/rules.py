@@ -17,6 +17,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from laion_spark.config import ConfigError, RulesConfig
+from laion_spark.storage.stats import count_drops
 
 DROPPED_BY = "dropped_by"
 
@@ -129,17 +130,8 @@ def apply_rules(pairs: DataFrame, config: RulesConfig | None = None) -> DataFram
     return drop_rule_failures(mark_rule_failures(pairs, config))
 
 
-def rule_drop_columns(config: RulesConfig) -> list[Column]:
-    """One aggregate per rule (``dropped_<rule>``) over a frame marked by :func:`mark_rule_failures`."""
-    return [
-        F.count(F.when(F.col(DROPPED_BY) == rule.name, True)).alias(f"dropped_{rule.name}")
-        for rule in active_rules(config)
-    ]
-
-
 def count_rule_drops(pairs: DataFrame, config: RulesConfig | None = None) -> tuple[int, list[tuple[str, int]]]:
     """Rows in, and each rule's drops in evaluation order, from one Spark aggregation."""
     config = config or RulesConfig()
-    marked = mark_rule_failures(pairs, config)
-    row = marked.agg(F.count(F.lit(1)).alias("rows_in"), *rule_drop_columns(config)).first()
-    return row["rows_in"], [(rule.name, row[f"dropped_{rule.name}"]) for rule in active_rules(config)]
+    counts = count_drops(mark_rule_failures(pairs, config), DROPPED_BY, [rule.name for rule in active_rules(config)])
+    return counts.rows_in, counts.dropped

@@ -14,8 +14,8 @@ because ``images`` and ``embeddings`` are keyed by it: a new uid would orphan th
 the URL again. So a replaced row's uid is not the sha1 of its own url and text, and one run over all inputs
 may store another uid for a key than several runs did; the capture stored is the same either way.
 
-Spark jobs per run: one aggregation over ``pairs`` (rows in, every rule's drops and the distinct keys, all
-at once), then the MERGE. The rows written come from the MERGE's own Delta metrics, not from a recount.
+Spark jobs per run: one aggregation over ``pairs`` (rows in, every rule's ``dropped_<rule>`` and the distinct
+keys, all at once, through the shared :meth:`StageCounter.count_drops`), then the MERGE. The rows written come from the MERGE's own Delta metrics, not from a recount.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from laion_spark.candidates.rules import (
     apply_rules,
     junk_text_regex,
     mark_rule_failures,
-    rule_drop_columns,
 )
 from laion_spark.config import CandidatesConfig, Config
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, PAIRS
@@ -75,22 +74,23 @@ def build_candidates(pairs: DataFrame, existing: DataFrame, config: CandidatesCo
 
 def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str | None = None) -> StageCounter:
     """Read ``pairs``, write the new candidates, record every step's rows in and out in ``stage_stats``."""
-    transforms = config.candidates
-    _validate(transforms)
+    settings = config.candidates
+    _validate(settings)
     counter = StageCounter(run_id or new_run_id(), STAGE)
     pairs = read_table(spark, lake, PAIRS)
 
-    rows_in, rule_drops, batch_keys = _count_rules_and_keys(pairs, transforms)
-    rows = rows_in
-    for rule_name, dropped in rule_drops:
-        counter.add(rule_name, rows, rows - dropped)
-        rows -= dropped
-    counter.add("dedup_within_batch", rows, batch_keys)
+    # One aggregation: rows in, every rule's drops (the funnel's first steps) and the distinct keys of the rest.
+    marked = mark_rule_failures(pairs, settings.rules)
+    survivor_key = F.when(F.col(DROPPED_BY).isNull(), dedup_key(F.col("url"), text_key_of(marked), settings.dedup.mode))
+    rule_names = [rule.name for rule in active_rules(settings.rules)]
+    counts = counter.count_drops(marked, DROPPED_BY, rule_names, batch_keys=F.count_distinct(survivor_key))
+    batch_keys = counts.extra["batch_keys"]
+    counter.add("dedup_within_batch", counts.rows_out, batch_keys)
 
     if not table_exists(spark, lake, CANDIDATES):
         append(spark.createDataFrame([], CANDIDATES_SCHEMA), lake, CANDIDATES)
     existing = read_table(spark, lake, CANDIDATES)
-    inserted, replaced = _merge_candidates(build_candidates(pairs, existing, transforms), lake)
+    inserted, replaced = _merge_candidates(build_candidates(pairs, existing, settings), lake)
     written = inserted + replaced
     counter.add("dedup_against_lake", batch_keys, written)
     counter.add("detect_language", written, written)
@@ -105,18 +105,6 @@ def _validate(config: CandidatesConfig) -> None:
     junk_text_regex(config.rules.junk_text_patterns)
     dedup_key(F.col("url"), F.col(TEXT_KEY), config.dedup.mode)
     validate_languages(config.language.languages)
-
-
-def _count_rules_and_keys(pairs: DataFrame, config: CandidatesConfig) -> tuple[int, list[tuple[str, int]], int]:
-    marked = mark_rule_failures(pairs, config.rules)
-    survivor_key = F.when(F.col(DROPPED_BY).isNull(), dedup_key(F.col("url"), text_key_of(marked), config.dedup.mode))
-    row = marked.agg(
-        F.count(F.lit(1)).alias("rows_in"),
-        *rule_drop_columns(config.rules),
-        F.count_distinct(survivor_key).alias("batch_keys"),
-    ).first()
-    drops = [(rule.name, row[f"dropped_{rule.name}"]) for rule in active_rules(config.rules)]
-    return row["rows_in"], drops, row["batch_keys"]
 
 
 def _merge_candidates(rows: DataFrame, lake: str) -> tuple[int, int]:

@@ -19,7 +19,12 @@ from pyspark.sql import functions as F
 
 from laion_spark.config import Config, ConfigError
 from laion_spark.download import status
-from laion_spark.download.archive import archive_responses, judge_archived_response
+from laion_spark.download.archive import (
+    archive_responses,
+    judge_archived_response,
+    list_archive_inputs,
+    one_capture_per_url,
+)
 from laion_spark.download.fetch import Fetcher, FetchResult, FetchSettings
 from laion_spark.download.images import ImageSettings, ProcessedImage, process_image
 from laion_spark.schemas import CANDIDATES, IMAGES, IMAGES_SCHEMA
@@ -70,9 +75,14 @@ def fetch_images(to_fetch: DataFrame, fetch_settings: FetchSettings, image_setti
 def images_from_archive(
     to_fetch: DataFrame, responses: DataFrame, fetch_settings: FetchSettings, image_settings: ImageSettings
 ) -> DataFrame:
-    """(uid, url) + archived responses -> ``IMAGES_SCHEMA`` rows; URLs with no record get ``not_in_archive``."""
-    one_per_url = responses.dropDuplicates(["url"])
-    joined = to_fetch.select("uid", "url").join(one_per_url, "url", "left")
+    """(uid, url) + archived responses -> ``IMAGES_SCHEMA`` rows; URLs with no record get ``not_in_archive``.
+
+    Only the captures of wanted URLs are kept before one is chosen per URL (the same one on every run).
+    """
+    wanted = to_fetch.select("url").distinct()
+    captures = one_capture_per_url(responses.join(wanted, "url", "left_semi"))
+    answers = captures.select("url", "http_status", "content_type", "x_robots_tag", "body")
+    joined = to_fetch.select("uid", "url").join(answers, "url", "left")
 
     def judge_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         rows: list[dict] = []
@@ -124,7 +134,9 @@ def run_download(
         spread = to_fetch.repartition(partitions, "url")
         fetched = fetch_images(spread, fetch_settings, image_settings)
     else:
-        responses = archive_responses(spark, settings.archive_inputs)
+        # Raises on the driver, before any archive is read, when an input is missing or is not an archive.
+        archives = list_archive_inputs(spark, settings.archive_inputs)
+        responses = archive_responses(spark, archives)
         fetched = images_from_archive(to_fetch, responses, fetch_settings, image_settings)
 
     staging = table_path(lake, f"_staging/download-{counter.run_id}")
