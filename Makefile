@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
 JARS_STAMP := .cache/jars/.fetched
 MODEL := .cache/models/tiny-clip/tiny_clip.pt
 export SPARK_LOCAL_IP ?= 127.0.0.1
@@ -11,14 +12,15 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo demo-reference test lint format bench clean
 
 setup: $(STAMP) $(JARS_STAMP) $(MODEL)
 
-$(STAMP): setup.cfg pyproject.toml
+# The exact, known-good versions (constraints.txt) of everything setup.cfg allows, every extra included.
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[all,dev]'
 	touch $@
 
 $(JARS_STAMP): $(STAMP) laion_spark/jars.py
@@ -30,6 +32,11 @@ $(MODEL): $(STAMP) laion_spark/testing/tiny_clip.py laion_spark/testing/syntheti
 
 demo: setup
 	$(PY) -m laion_spark.demo --workdir .cache/demo
+
+# After a deliberate change to the sample crawl or a stage's steps: rewrite the funnel the tests hold the demo to.
+demo-reference: setup
+	$(PY) -m laion_spark.demo --workdir .cache/demo > .cache/demo.log
+	$(PY) tests/demo_reference.py < .cache/demo.log
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check laion_spark jobs tests bench scripts

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 
 from laion_spark.config import Config, ConfigError, load_config
+from laion_spark.run.lock import DEFAULT_LEASE_HOURS
+from laion_spark.run.pipeline import STAGES
 
 log = logging.getLogger("laion_spark")
 
@@ -32,11 +34,39 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+RUN_EXIT_CODES = """
+exit status:
+  0  every stage ran
+  1  a stage failed (the reason on one line on stderr), or another run took the lake over meanwhile
+  2  a usage or config error, or a stage failed on one (a missing table, a bad setting)
+  3  another run holds the lake: nothing was run (the message names it and since when)
+"""
+EXIT_LAKE_HELD = 3
+
+
+def _stage_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: name stages among {','.join(STAGES)}, separated by commas")
+    return names
+
+
+def _positive_hours(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = 0.0
+    if not hours > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of hours, e.g. 6 or 0.5")
+    return hours
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="laion-spark",
         description="Build a LAION-style image-text dataset from Common Crawl archives on Apache Spark.\n"
-        "Stages, in order: extract -> candidates -> download -> score.",
+        "Stages, in order: extract -> candidates -> download -> score; `run` runs them all.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=COMMON_HELP,
     )
@@ -91,6 +121,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(score)
     score.set_defaults(handler=_run_score)
 
+    run = stages.add_parser(
+        "run",
+        help="every stage in order (extract -> candidates -> download -> score): one scheduled ETL run",
+        description="Run the stages in order over one lake under one run id, each as its own command runs it\n"
+        "(incremental and idempotent); print a line when each stage starts and ends, and the run's funnel at the\n"
+        "end. The run holds the lake's run lock (<lake>/_run_lock), so two scheduled runs never interleave.\n"
+        "It stops at the first stage that fails, with a one-line reason (the traceback: laion-spark -v run ...);\n"
+        "a rerun continues where it stopped: no file is extracted twice and no URL with a row is fetched again.",
+        epilog=RUN_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(run)
+    run.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="PATH|GLOB|MANIFEST",
+        help="archives for extract, as in `extract --input` (repeatable); required when extract runs",
+    )
+    run.add_argument(
+        "--stages",
+        type=_stage_list,
+        metavar="STAGE[,STAGE...]",
+        help=f"run only these stages, in pipeline order ({','.join(STAGES)}; default: all)",
+    )
+    run.add_argument(
+        "--until",
+        choices=STAGES,
+        metavar="STAGE",
+        help="stop after this stage: --until download runs extract, candidates and download",
+    )
+    run.add_argument("--force", action="store_true", help="extract: re-read files already logged as ok")
+    run.add_argument("--retry-failed", action="store_true", help="download: also retry URLs whose last attempt failed")
+    run.add_argument(
+        "--lock-lease-hours",
+        type=_positive_hours,
+        default=DEFAULT_LEASE_HOURS,
+        metavar="HOURS",
+        help="a run that holds the lake but has not heartbeaten for this long is taken to be dead, and the next "
+        f"run takes the lake over (default: {DEFAULT_LEASE_HOURS:g}); a live run heartbeats all along",
+    )
+    run.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take the lake at once even if another run holds it: only when that run is known to be dead",
+    )
+    run.set_defaults(handler=_run_pipeline)
+
     funnel = stages.add_parser("funnel", help="print rows in and out of every stage's steps (latest run of each)")
     _add_common(funnel)
     funnel.set_defaults(handler=_run_funnel)
@@ -122,6 +201,32 @@ def _run_score(args: argparse.Namespace, config: Config) -> None:
     print(run_score(_spark(config), config, args.lake).summary())
 
 
+def _run_pipeline(args: argparse.Namespace, config: Config) -> int:
+    from laion_spark.run import LakeLocked, run_pipeline
+
+    try:
+        result = run_pipeline(
+            _spark(config),
+            config,
+            args.lake,
+            args.inputs,
+            stages=args.stages,
+            until=args.until,
+            force=args.force,
+            retry_failed=args.retry_failed,
+            lock_lease_hours=args.lock_lease_hours,
+            break_lock=args.break_lock,
+        )
+    except LakeLocked as exc:
+        print(f"laion-spark run: {exc}", file=sys.stderr)
+        return EXIT_LAKE_HELD
+    if not result.ok:
+        print(f"laion-spark run: {result.failure}", file=sys.stderr)
+        return 2 if isinstance(result.error, (ConfigError, FileNotFoundError)) else 1
+    print(f"\n== funnel (run {result.run_id}) ==\n{result.funnel}", flush=True)
+    return 0
+
+
 def _run_funnel(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.report import format_funnel
 
@@ -145,13 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"laion-spark: config error: {exc}", file=sys.stderr)
         return 2
-    handler: Callable[[argparse.Namespace, Config], None] = args.handler
+    handler: Callable[[argparse.Namespace, Config], int | None] = args.handler
     try:
-        handler(args, config)
+        code = handler(args, config)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"laion-spark {args.stage}: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

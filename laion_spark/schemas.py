@@ -127,6 +127,18 @@ DATASET_SCHEMA = _schema(
     ("model", StringType(), False),
 )
 
+# Not a table of the data flow (so not in SCHEMAS, nor in the README's table reference): the run marker that
+# `laion-spark run` holds while it runs, so that two scheduled runs never interleave on one lake (laion_spark/run/lock.py).
+RUN_LOCK = "_run_lock"
+RUN_LOCK_SCHEMA = _schema(
+    ("lock_key", StringType(), False),  # always "lake": the table holds one row
+    ("run_id", StringType(), True),  # the run holding the lake; null when the lake is free
+    ("host", StringType(), True),
+    ("pid", LongType(), True),
+    ("started_at", TimestampType(), True),
+    ("heartbeat_at", TimestampType(), True),  # a run whose heartbeat is older than the lease is taken over
+)
+
 SCHEMAS: dict[str, StructType] = {
     PAIRS: PAIRS_SCHEMA,
     INGEST_LOG: INGEST_LOG_SCHEMA,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
@@ -14,16 +15,26 @@ DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 
 
 def get_spark(config: Config | SparkConfig | None = None) -> SparkSession:
-    """Return the active session untouched (Databricks, notebooks, spark-submit); otherwise build one.
+    """Return the active session untouched (Databricks, notebooks, spark-submit); otherwise connect or build one.
 
-    A session we build gets Delta's SQL extension and catalog, the cached Delta jars, quiet logs and the
+    With ``SPARK_REMOTE=sc://host:port`` in the environment (the standard Spark Connect variable, as Databricks
+    Connect uses), a Spark Connect session to that server: the server brings Delta and its own settings. Otherwise
+    a local classic session with Delta's SQL extension and catalog, the cached Delta jars, quiet logs and the
     settings from ``spark`` in the config.
     """
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
+    remote = os.environ.get("SPARK_REMOTE")
+    if remote:
+        return SparkSession.builder.remote(remote).getOrCreate()
     spark_config = config.spark if isinstance(config, Config) else (config or SparkConfig())
     return build_local_session(spark_config)
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect session: the driver's files are then not the cluster's files."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
 
 
 def build_local_session(spark_config: SparkConfig) -> SparkSession:
@@ -35,6 +46,7 @@ def build_local_session(spark_config: SparkConfig) -> SparkSession:
         .config("spark.sql.shuffle.partitions", str(spark_config.shuffle_partitions))
         .config("spark.ui.showConsoleProgress", "true")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.log.level", spark_config.log_level)
         # Delta's retention check stops VACUUM of recent files; local lakes are scratch data.
         .config("spark.databricks.delta.retentionDurationCheck.enabled", "false")
     )
@@ -46,13 +58,32 @@ def build_local_session(spark_config: SparkConfig) -> SparkSession:
             "Delta Lake jars are not cached. Run `make setup` (or `python -m laion_spark.jars fetch`) once "
             "with network access, or pass --set spark.conf.spark.jars.packages=io.delta:delta-spark_2.13:4.0.1 (needs network)."
         )
+    builder = add_object_store_connectors(builder, spark_config, jars)
     # Executors started by a standalone master or local-cluster must find the same Python.
     os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON") or _current_python())
     for key, value in spark_config.conf.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(spark_config.log_level)
-    return spark
+    return builder.getOrCreate()
+
+
+def add_object_store_connectors(
+    builder: SparkSession.Builder, spark_config: SparkConfig, jars: list[Path]
+) -> SparkSession.Builder:
+    """Add the jars and settings of the connectors in ``spark.object_stores`` (s3: hadoop-aws and the AWS SDK)
+    to ``builder``, from the jar cache only; ``jars`` (Delta's) stay in ``spark.jars`` beside them.
+
+    A connector that is unknown or not cached is a ConfigError that says what to run; nothing is fetched here.
+    """
+    if not spark_config.object_stores:
+        return builder
+    # Imported here, not at the top: storage modules may import session, and session must import first.
+    from laion_spark.storage.object_store import connector_jars_and_settings
+
+    connector_jars, settings = connector_jars_and_settings(spark_config.object_stores)
+    builder = builder.config("spark.jars", ",".join(str(p) for p in [*jars, *connector_jars]))
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    return builder
 
 
 def _current_python() -> str:

@@ -14,7 +14,7 @@ SHARED_SAMPLES = PROJECT_ROOT.parent / "shared" / "samples"
 
 
 @pytest.fixture(scope="session")
-def spark():
+def spark(tmp_path_factory):
     from laion_spark.config import SparkConfig
     from laion_spark.session import build_local_session
 
@@ -28,6 +28,8 @@ def spark():
                 "spark.driver.memory": "2g",
                 "spark.databricks.delta.snapshotPartitions": "2",
                 "spark.ui.showConsoleProgress": "false",
+                # Managed tables of catalog lakes (tests/test_catalog_lake.py) go here, not into the checkout.
+                "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse")),
             },
         )
     )

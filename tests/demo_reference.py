@@ -36,3 +36,22 @@ def assert_demo_funnel_is_the_reference(demo_output: str) -> None:
     exact = {k: v for k, v in expected.items() if k.split(".")[0] in DETERMINISTIC_STAGES}
     assert {k: v for k, v in got.items() if k.split(".")[0] in DETERMINISTIC_STAGES} == exact
     assert {k for k in got if k.startswith("score.")} == {k for k in expected if k.startswith("score.")}
+
+
+HEADER = """\
+# The funnel of `make demo` (laion_spark/demo): every demo run in the tests must reproduce the extract,
+# candidates and download rows exactly (the sample crawl and its images are deterministic) and every score step.
+# Regenerate with: make demo-reference
+"""
+
+
+def write_reference(demo_output: str) -> None:
+    rows = [f"{step}\t{rows_in}\t{rows_out}" for step, (rows_in, rows_out) in funnel_steps(demo_output).items()]
+    DEMO_FUNNEL.write_text(HEADER + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_reference(sys.stdin.read())
+    print(f"wrote {DEMO_FUNNEL}")

@@ -204,7 +204,7 @@ def test_config_mistakes_are_one_clear_error_before_any_work(change: dict, messa
 
 
 def test_a_failing_cleanup_never_hides_the_real_error(spark, lake: str, monkeypatch) -> None:
-    """The staging folder's delete fails too, but the error that reached the cleanup is the one raised."""
+    """Emptying the staging table fails too, but the error that reached the cleanup is the one raised."""
     server, base_url = serve_synthetic_images()
     try:
         _write_candidates(spark, lake, [(f"{base_url}/img/red-circle-gray-0.jpg", "a red circle on gray")])
@@ -213,11 +213,11 @@ def test_a_failing_cleanup_never_hides_the_real_error(spark, lake: str, monkeypa
         def failing_append(*args, **kwargs):
             raise RuntimeError("the real error: the images commit failed")
 
-        def failing_delete(*args, **kwargs):
-            raise OSError("the staging folder cannot be deleted either")
+        def failing_cleanup(*args, **kwargs):
+            raise OSError("the staging table cannot be emptied either")
 
         monkeypatch.setattr("laion_spark.download.stage.append", failing_append)
-        monkeypatch.setattr("laion_spark.storage.files.delete_path", failing_delete)
+        monkeypatch.setattr("laion_spark.storage.delta._empty_staging", failing_cleanup)
         with pytest.raises(RuntimeError, match="the real error"):
             run_download(spark, config, lake, run_id="cleanup")
     finally:

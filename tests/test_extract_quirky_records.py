@@ -143,7 +143,7 @@ def chunked(data: bytes, size: int = 100) -> bytes:
 
 @pytest.mark.parametrize("lf", [b"\r\n", b"\n"])
 def test_chunked_and_gzip_encoded_pages_are_decoded(tmp_path: Path, lf: bytes) -> None:
-    """Reading the head ourselves means decoding the body ourselves: transfer and content encodings, any line end."""
+    """fastwarc hands back the bytes as stored (so a misread head can be split again): bodies are decoded here."""
     fields = [b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked", b"Content-Encoding: gzip"]
     head = lf.join([*fields, b"Content-Type: text/html; charset=EUC-JP", b"", b""])
     body = chunked(gzip.compress(page_body()))
@@ -164,3 +164,15 @@ def test_reparsed_heads_are_counted(tmp_path: Path) -> None:
         pages = list(iter_records(TrackedStream(handle), "fastwarc", counts))
     assert len(pages) == 3 and counts.records_read == 3 and counts.http_heads_reparsed == 2
     assert {page.http_charset.lower() for page in pages} == {"euc-jp"}
+
+
+def test_long_bare_lf_page_without_a_crlf_blank_line_is_read_whole(tmp_path: Path) -> None:
+    """fastwarc would take the whole page for its head, and stop the file once that passed 32 KiB."""
+    filler = "<p>本文です。</p>\n" * 4000  # about 80 KiB, no CRLF anywhere
+    body = f'<img src="/photos/first.jpg" alt="{FIRST_ALT}">\n{filler}<img src="/photos/second.jpg" alt="{SECOND_ALT}">'
+    page = warc_record("0.18", f"{SITE}/long.html", BARE_LF_HEAD + body.encode("euc-jp"), 1)
+    after = warc_record("0.18", f"{SITE}/after.html", BARE_LF_HEAD + page_without_meta(), 2)
+    path = write_records(tmp_path / "long.warc.gz", [page, after])
+    for reader in READERS:
+        pairs, status = pairs_of(path, reader)
+        assert pairs == EXPECTED and status.status == "ok" and status.pairs_emitted == 4, (reader, status.error)

@@ -14,7 +14,7 @@ from pyspark.sql import functions as F
 from laion_spark.cli import main as cli_main
 from laion_spark.config import Config
 from laion_spark.extract import ExtractRules, FileStatus, extract_file, list_input_files, pair_uid, run_extract
-from laion_spark.extract.inputs import _list_hadoop
+from laion_spark.extract.inputs import _list_with_spark
 from laion_spark.schemas import PAIRS_SCHEMA
 from laion_spark.testing.archives import WatPage, html_page, truncate, write_arc, write_warc, write_wat
 
@@ -170,8 +170,8 @@ def test_inputs_list_globs_directories_manifests_and_hadoop_uris(spark, crawl, t
     assert list_input_files(spark, [str(tmp_path / "crawl.paths.gz")], manifest_prefix="s3a://bucket/x/")[0] == (
         "s3a://bucket/x/pages.warc"
     )
-    # Any scheme is listed by the JVM's Hadoop FileSystem; file: exercises that path here.
-    hadoop = _list_hadoop(spark, f"file://{crawl}/*.arc.gz")
+    # Any scheme is listed by Spark's own listing (binaryFile paths); file: exercises that path here.
+    hadoop = _list_with_spark(spark, f"file://{crawl}/*.arc.gz")
     assert hadoop == [f"file:{crawl}/old.arc.gz"]
     with pytest.raises(FileNotFoundError, match="no files match"):
         list_input_files(spark, [str(crawl / "*.nothing")])

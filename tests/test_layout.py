@@ -45,3 +45,22 @@ def test_each_stage_is_a_cli_command_a_package_and_a_table():
         assert (PACKAGE / stage / "stage.py").is_file(), f"the {stage} stage lives in laion_spark/{stage}/stage.py"
         assert table in SCHEMAS
     assert "candidates" in SCHEMAS and {"embeddings", "dataset"} <= set(SCHEMAS)
+
+
+CLASSIC_ONLY = {"sparkContext", "_jvm", "_jsc", "parallelize", "rdd", "DeltaTable", "persist", "cache"}
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_uses_classic_only_spark_apis(path: Path):
+    """Spark Connect (Databricks serverless, shared clusters) has no SparkContext, JVM gateway or RDDs, refuses
+    persist on serverless, and has no DeltaTable API without Delta Connect: the library uses none of them."""
+    tree = ast.parse(path.read_text(), str(path))
+    attributes = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)]
+    # functools.cache is a memo, not DataFrame.cache
+    used = {n.attr for n in attributes if not (isinstance(n.value, ast.Name) and n.value.id == "functools")}
+    used &= CLASSIC_ONLY
+    used |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} & (CLASSIC_ONLY - {"cache"})
+    used |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names} & {
+        "DeltaTable"
+    }
+    assert not used, f"{path.relative_to(PACKAGE)} uses {sorted(used)}"

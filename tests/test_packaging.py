@@ -45,7 +45,10 @@ def test_demo_runs_from_an_installed_wheel_outside_the_checkout(tmp_path):
     )
     (wheel,) = wheels.glob("laion_spark-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    # As a user who ran `python -m laion_spark.jars fetch` once: the jars are in a cache outside the package.
+    jars = PROJECT_ROOT / ".cache" / "jars"
     env = dict(os.environ, PYTHONPATH=str(site), SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
+    env["LAION_SPARK_JARS_DIR"] = str(jars)
     result = subprocess.run(
         [sys.executable, "-m", "laion_spark.demo", "--workdir", str(tmp_path / "demo"),
          "--models-dir", str(PROJECT_ROOT / ".cache" / "models")],

@@ -113,19 +113,29 @@ def survivor_rank(prefix: str = "") -> Column:
     nothing about its capture and is left out: a row that ties on everything else is the stored capture itself,
     and a rerun must not replace it with itself.
     """
+    return F.expr(survivor_rank_sql(prefix))
+
+
+def survivor_rank_sql(prefix: str = "") -> str:
+    """:func:`survivor_rank` as SQL text, for the condition of a ``MERGE INTO`` (``prefix`` ``"source."``)."""
+    keys = ", ".join(_capture_order_sql(prefix))
     # The explicit all-nullable type: inside a MERGE, Delta resolves the comparison before its outer join
     # makes the source columns nullable, and Spark's own struct coercion then fails on the changed nullability.
-    return F.struct(*[key.alias(f"k{i}") for i, key in enumerate(_capture_order(prefix))]).cast(_CAPTURE_RANK)
+    return f"CAST(struct({keys}) AS {_CAPTURE_RANK.simpleString()})"
 
 
 def _capture_order(prefix: str) -> list[Column]:
+    return [F.expr(key) for key in _capture_order_sql(prefix)]
+
+
+def _capture_order_sql(prefix: str) -> list[str]:
     return [
-        F.coalesce(F.col(f"{prefix}crawl_date"), F.lit(_LATEST).cast("timestamp")),
-        F.coalesce(F.col(f"{prefix}source_file"), F.lit("")),
-        F.coalesce(F.col(f"{prefix}record_offset"), F.lit(_MAX_LONG).cast("long")),
-        F.col(f"{prefix}url"),
-        F.col(f"{prefix}text"),
-        F.coalesce(F.col(f"{prefix}page_url"), F.lit("")),
+        f"coalesce({prefix}crawl_date, TIMESTAMP'{_LATEST}')",
+        f"coalesce({prefix}source_file, '')",
+        f"coalesce({prefix}record_offset, {_MAX_LONG}L)",
+        f"{prefix}url",
+        f"{prefix}text",
+        f"coalesce({prefix}page_url, '')",
     ]
 
 

@@ -15,14 +15,13 @@ the URL again. So a replaced row's uid is not the sha1 of its own url and text, 
 may store another uid for a key than several runs did; the capture stored is the same either way.
 
 Spark jobs per run: one aggregation over ``pairs`` (rows in, every rule's ``dropped_<rule>`` and the distinct
-keys, all at once, through the shared :meth:`StageCounter.count_drops`), then the MERGE. The rows written come from the MERGE's own Delta metrics, not from a recount.
+keys, all at once, through the shared :meth:`StageCounter.count_drops`), then the MERGE. The rows written come from the MERGE's own Delta metrics (``DESCRIBE HISTORY``), not from a recount.
 """
 
 from __future__ import annotations
 
 import logging
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -34,7 +33,7 @@ from laion_spark.candidates.dedup import (
     dedup_key,
     keep_first_per_key,
     keep_new_or_earlier,
-    survivor_rank,
+    survivor_rank_sql,
     text_key_of,
 )
 from laion_spark.candidates.language import detect_language, validate_languages
@@ -47,7 +46,7 @@ from laion_spark.candidates.rules import (
 )
 from laion_spark.config import CandidatesConfig, Config
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, PAIRS
-from laion_spark.storage import StageCounter, append, new_run_id, read_table, table_exists, table_path
+from laion_spark.storage import StageCounter, ensure_table, merge, new_run_id, read_table
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +86,7 @@ def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str |
     batch_keys = counts.extra["batch_keys"]
     counter.add("dedup_within_batch", counts.rows_out, batch_keys)
 
-    if not table_exists(spark, lake, CANDIDATES):
-        append(spark.createDataFrame([], CANDIDATES_SCHEMA), lake, CANDIDATES)
+    ensure_table(spark, lake, CANDIDATES, CANDIDATES_SCHEMA)
     existing = read_table(spark, lake, CANDIDATES)
     inserted, replaced = _merge_candidates(build_candidates(pairs, existing, settings), lake)
     written = inserted + replaced
@@ -113,26 +111,9 @@ def _merge_candidates(rows: DataFrame, lake: str) -> tuple[int, int]:
     A replacement keeps the stored ``uid`` (see the module docstring): the download and the embedding of the
     key stay attached to it.
     """
-    spark = rows.sparkSession
-    target = DeltaTable.forPath(spark, table_path(lake, CANDIDATES))
-    all_but_uid = {name: F.col(f"source.{name}") for name in CANDIDATES_SCHEMA.fieldNames() if name != "uid"}
-    version_before = _latest_version(target)
-    (
-        target.alias("target")
-        .merge(rows.alias("source"), F.col(f"target.{DEDUP_KEY}") == F.col(f"source.{DEDUP_KEY}"))
-        # Re-checked here, not only in keep_new_or_earlier, so a concurrent run can never replace an earlier row.
-        .whenMatchedUpdate(condition=survivor_rank("source.") < survivor_rank("target."), set=all_but_uid)
-        .whenNotMatchedInsertAll()
-        .execute()
-    )
-    last = target.history(1).select("version", "operation", "operationMetrics").first()
-    if last["version"] == version_before:
-        return 0, 0  # Delta commits nothing when a MERGE changes nothing
-    if last["operation"] != "MERGE":
-        log.warning("candidates: expected our MERGE as the latest commit, found %s", last["operation"])
-    metrics = last["operationMetrics"] or {}
-    return int(metrics.get("numTargetRowsInserted", 0)), int(metrics.get("numTargetRowsUpdated", 0))
-
-
-def _latest_version(table: DeltaTable) -> int:
-    return table.history(1).select("version").first()["version"]
+    all_but_uid = [name for name in CANDIDATES_SCHEMA.fieldNames() if name != "uid"]
+    # Re-checked in the MERGE, not only in keep_new_or_earlier, so that a concurrent run can never replace an
+    # earlier row by a later one.
+    earlier = f"{survivor_rank_sql('source.')} < {survivor_rank_sql('target.')}"
+    counts = merge(rows, lake, CANDIDATES, [DEDUP_KEY], update=all_but_uid, update_condition=earlier)
+    return counts.inserted, counts.updated

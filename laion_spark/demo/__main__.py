@@ -1,7 +1,8 @@
 """``python -m laion_spark.demo``: the whole pipeline over the bundled sample (what ``make demo`` runs).
 
 It starts a loopback image server, writes a small multilingual crawl (WAT + WARC) whose pages point at that
-server, then runs every stage in one Spark session: extract -> candidates -> download -> score, and prints the
+server, then runs the pipeline over it as ``laion-spark run`` does (the same library function,
+``laion_spark.run.run_pipeline``): extract -> candidates -> download -> score in one Spark session, and prints the
 funnel. The server is the only address the download stage is allowed to reach (download.allowed_hosts).
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,14 +29,10 @@ def run_demo(
     overrides: list[str] | None = None,
     models_dir: Path = DEFAULT_MODELS_DIR,
 ) -> str:
-    from laion_spark.candidates import run_candidates
-    from laion_spark.download import run_download
-    from laion_spark.extract import run_extract
-    from laion_spark.report import format_funnel
+    from laion_spark.run import run_pipeline
     from laion_spark.schemas import DATASET
-    from laion_spark.score import run_score
     from laion_spark.session import get_spark
-    from laion_spark.storage import new_run_id, read_table
+    from laion_spark.storage import read_table
     from laion_spark.testing.sample_crawl import write_sample_crawl
     from laion_spark.testing.server import serve_synthetic_images
     from laion_spark.testing.tiny_clip import MODEL_NAME, ensure_tiny_clip
@@ -62,20 +58,10 @@ def run_demo(
         archives = write_sample_crawl(crawl, base_url)
         print(f"sample crawl: {len(archives)} archives in {crawl}, images served from {base_url}")
         spark = get_spark(config)
-        run_id = new_run_id()
-        stages = [
-            ("extract", lambda: run_extract(spark, config, str(lake), [str(crawl / "*")], run_id=run_id)),
-            ("candidates", lambda: run_candidates(spark, config, str(lake), run_id=run_id)),
-            ("download", lambda: run_download(spark, config, str(lake), run_id=run_id)),
-            ("score", lambda: run_score(spark, config, str(lake), run_id=run_id)),
-        ]
-        for name, run_stage in stages:
-            started = time.monotonic()
-            print(f"\n== {name} ==", flush=True)
-            result = run_stage()
-            print(result.summary())
-            print(f"({name} took {time.monotonic() - started:.1f}s)", flush=True)
-        funnel = format_funnel(spark, str(lake), run_id)
+        result = run_pipeline(spark, config, str(lake), [str(crawl / "*")])
+        if not result.ok:
+            raise RuntimeError(f"the demo run stopped: {result.failure}") from result.error
+        run_id, funnel = result.run_id, result.funnel or ""
         print("\n== a sample of the dataset ==")
         dataset = read_table(spark, str(lake), DATASET)
         dataset.orderBy("uid").select("text", "similarity", "language", "nsfw", "width", "height").show(8, truncate=50)

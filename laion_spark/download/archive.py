@@ -33,10 +33,17 @@ from laion_spark.config import ConfigError
 from laion_spark.download import status
 from laion_spark.download.fetch import FetchResult, FetchSettings
 from laion_spark.download.safety import robots_disallows
-from laion_spark.extract.archive import IMAGE_RECORDS, NotAnArchive, ReadCounts, TrackedStream, iter_records, sniff_stream
+from laion_spark.extract.archive import (
+    IMAGE_RECORDS,
+    NotAnArchive,
+    ReadCounts,
+    TrackedStream,
+    iter_records,
+    sniff_stream,
+)
 from laion_spark.extract.inputs import list_input_files, local_path, open_input
 from laion_spark.extract.urls import clean_target_uri, normalize_url
-from laion_spark.storage.files import qualified_file
+from laion_spark.storage.files import existing_files
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +83,10 @@ def list_archive_inputs(spark: SparkSession, inputs: list[str]) -> list[str]:
     files = list(dict.fromkeys(files))
     if not files:
         raise FileNotFoundError(f"download.archive_inputs: no files in {', '.join(inputs)}")
-    missing = [path for path in files if not _exists(spark, path)]
+    missing = _missing_files(spark, files)
     if missing:
-        raise FileNotFoundError(f"download.archive_inputs: {_name_files(missing)} {_do_not_exist(len(missing))}")
+        verb = "does not exist" if len(missing) == 1 else "do not exist"
+        raise FileNotFoundError(f"download.archive_inputs: {_name_files(missing)} {verb}")
     problems = unreadable_archives(spark, files)
     if problems:
         named = _name_files([f"{path} ({problem})" for path, problem in problems])
@@ -114,6 +122,8 @@ def archive_problem(path: str) -> str | None:
 
 def archive_responses(spark: SparkSession, files: list[str]) -> DataFrame:
     """The responses in ``files`` that may be images (``ARCHIVE_RESPONSES_SCHEMA``), one Spark task per file."""
+    if not files:
+        return spark.createDataFrame([], ARCHIVE_RESPONSES_SCHEMA)
     paths = spark.createDataFrame([(path,) for path in files], "path string").repartition(len(files))
     return paths.mapInPandas(_read_archives, ARCHIVE_RESPONSES_SCHEMA)
 
@@ -221,17 +231,18 @@ def _problems_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFram
             yield pd.DataFrame(problems, columns=["path", "problem"])
 
 
-def _exists(spark: SparkSession, path: str) -> bool:
-    local = local_path(path)
-    if local is not None:
-        return os.path.exists(local)
-    return qualified_file(spark, path) is not None
+def _missing_files(spark: SparkSession, files: list[str]) -> list[str]:
+    """Local files are looked at directly, the others in one listing job."""
+    remote = [path for path in files if local_path(path) is None]
+    listed = existing_files(spark, remote) if remote else {}
+    missing = []
+    for path in files:
+        on_disk = local_path(path)
+        if not os.path.exists(on_disk) if on_disk is not None else path not in listed:
+            missing.append(path)
+    return missing
 
 
 def _name_files(names: list[str]) -> str:
     shown = ", ".join(names[:_FILES_NAMED])
     return shown if len(names) <= _FILES_NAMED else f"{shown} and {len(names) - _FILES_NAMED} more"
-
-
-def _do_not_exist(count: int) -> str:
-    return "does not exist" if count == 1 else "do not exist"

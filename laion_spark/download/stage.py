@@ -28,8 +28,7 @@ from laion_spark.download.archive import (
 from laion_spark.download.fetch import Fetcher, FetchResult, FetchSettings
 from laion_spark.download.images import ImageSettings, ProcessedImage, process_image
 from laion_spark.schemas import CANDIDATES, IMAGES, IMAGES_SCHEMA
-from laion_spark.storage import StageCounter, append, new_run_id, read_table, table_path, upsert
-from laion_spark.storage.files import deleted_afterwards
+from laion_spark.storage import StageCounter, append, new_run_id, read_table, staged, upsert
 from laion_spark.storage.stats import count_drops
 
 log = logging.getLogger(__name__)
@@ -128,7 +127,7 @@ def run_download(
 
     if settings.source == "http":
         partitions = settings.partitions or max(
-            spark.sparkContext.defaultParallelism, math.ceil(fetch_count / URLS_PER_PARTITION)
+            _default_parallelism(spark), math.ceil(fetch_count / URLS_PER_PARTITION)
         )
         # Hashing by URL puts every uid of one URL in the same task, which then fetches the URL once.
         spread = to_fetch.repartition(partitions, "url")
@@ -139,16 +138,14 @@ def run_download(
         responses = archive_responses(spark, archives)
         fetched = images_from_archive(to_fetch, responses, fetch_settings, image_settings)
 
-    staging = table_path(lake, f"_staging/download-{counter.run_id}")
-    with deleted_afterwards(spark, staging):
-        fetched.write.mode("overwrite").parquet(staging)
-        staged = spark.read.schema(IMAGES_SCHEMA).parquet(staging)
-        outcomes = count_drops(staged, F.when(F.col("status") != status.SUCCESS, F.col("status")), _FAILED_OUTCOMES)
+    # Staged once, so that counting the outcomes and writing images never fetch a URL twice.
+    with staged(fetched, lake, "download") as results:
+        outcomes = count_drops(results, F.when(F.col("status") != status.SUCCESS, F.col("status")), _FAILED_OUTCOMES)
         if retry_failed:
-            upsert(staged, lake, IMAGES, ["uid", "url"])  # retried rows replace their failures
+            upsert(results, lake, IMAGES, ["uid", "url"])  # retried rows replace their failures
         else:
             # Every uid here was anti-joined against images: a plain append is the same as a MERGE, and cheaper.
-            append(staged, lake, IMAGES)
+            append(results, lake, IMAGES)
     # Not a chain of filters: every URL ends with one outcome, so the failures are a breakdown of one step.
     counter.add(status.SUCCESS, fetch_count, outcomes.rows_out)
     for name, count in outcomes.dropped:
@@ -157,6 +154,15 @@ def run_download(
     counter.write(spark, lake)
     log.info("download: %d of %d candidates fetched, %d succeeded", fetch_count, wanted_count, outcomes.rows_out)
     return counter
+
+
+def _default_parallelism(spark: SparkSession) -> int:
+    """The cluster's parallelism as the session's config states it (Spark Connect has no SparkContext to ask)."""
+    for key in ("spark.default.parallelism", "spark.sql.shuffle.partitions"):
+        value = spark.conf.get(key, None)
+        if value and str(value).isdigit():
+            return int(value)
+    return 8
 
 
 def _fetch_partition(

@@ -1,7 +1,8 @@
 """Input listing on the driver (paths, globs, manifests; never file contents) and file opening in workers.
 
-Local paths and ``file://`` URIs are listed with Python; every other scheme through the JVM's Hadoop
-FileSystem, so whatever the user's Spark can read (s3a://, abfss://, dbfs:/, hdfs://) lists without code changes.
+Local paths and ``file://`` URIs are listed with Python on a classic session; every other scheme, and every path
+on Spark Connect (whose driver is a client that does not see the cluster's files), through Spark's own listing
+(``storage.files``), so whatever the user's Spark can read (s3a://, abfss://, dbfs:/, hdfs://) lists unchanged.
 Workers open local paths directly, ``dbfs:/x`` as ``/dbfs/x`` where that FUSE mount exists, and other schemes
 with fsspec; files that Python cannot open are read through Spark's ``binaryFile`` source instead (see stage.py).
 """
@@ -16,7 +17,8 @@ from urllib.parse import urlsplit
 
 from pyspark.sql import SparkSession
 
-from laion_spark.storage.files import glob_files, list_directory
+from laion_spark.session import is_connect
+from laion_spark.storage.files import glob_files
 
 MANIFEST_SUFFIXES = (".paths", ".paths.gz", ".txt", ".txt.gz", ".lst", ".manifest", ".manifest.gz")
 # Hadoop scheme -> fsspec protocol, where the names differ.
@@ -90,10 +92,10 @@ def list_input_files(spark: SparkSession, inputs: list[str], manifest_prefix: st
             continue
         if _is_manifest(item):
             files.extend(_read_manifest(spark, item, manifest_prefix))
-        elif is_local(item):
+        elif is_local(item) and not is_connect(spark):
             files.extend(_list_local(item))
         else:
-            files.extend(_list_hadoop(spark, item))
+            files.extend(_list_with_spark(spark, item))
     return list(dict.fromkeys(files))
 
 
@@ -119,20 +121,18 @@ def _list_local(item: str) -> list[str]:
     return [os.path.abspath(path)]
 
 
-def _list_hadoop(spark: SparkSession, item: str) -> list[str]:
-    entries = glob_files(spark, item)
-    if not entries:
+def _list_with_spark(spark: SparkSession, item: str) -> list[str]:
+    files = glob_files(spark, item)
+    if not files:
         if _has_glob(item):
             raise FileNotFoundError(f"--input {item}: no files match this pattern")
         return [item]
-    files = []
-    for entry in entries:
-        files.extend(list_directory(spark, entry.path) if entry.is_dir else [entry.path])
-    return sorted(files)
+    return files
 
 
 def _read_manifest(spark: SparkSession, manifest: str, manifest_prefix: str) -> list[str]:
-    local = local_path(manifest)
+    # On Spark Connect the driver is a client whose files are not the cluster's: the server reads the manifest.
+    local = None if is_connect(spark) else local_path(manifest)
     if local is not None:
         if not os.path.exists(local):
             raise FileNotFoundError(f"manifest {manifest} does not exist")

@@ -2,8 +2,9 @@
 
 The driver lists files and reads the ingest log; it never opens an archive. Each file becomes one partition of
 a small DataFrame of paths, and ``mapInArrow`` streams it in a Python worker (worker.py), emitting pair rows
-in bounded batches and one status row per file in a single output schema. That output is persisted, so the
-extraction runs once while two tables are written from it: ``pairs`` with one ``replaceWhere`` commit over the
+in bounded batches and one status row per file in a single output schema. That output is staged once (a Delta
+staging table in the lake, not ``persist``, which serverless compute refuses), so the extraction runs once while
+two tables are written from it: ``pairs`` with one ``replaceWhere`` commit over the
 files of this run (re-reading a partial file replaces its rows), and ``ingest_log`` the same way, which upserts
 it by ``source_file`` without the join of a MERGE.
 
@@ -17,9 +18,10 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pyspark import StorageLevel
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
@@ -34,9 +36,10 @@ from laion_spark.storage import (
     new_run_id,
     read_table,
     replace_where,
+    staged,
     table_exists,
 )
-from laion_spark.storage.files import cleanup_afterwards, qualified_file
+from laion_spark.storage.files import existing_files
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +102,9 @@ def run_extract(
     counter.add("files_not_yet_ok", len(files), len(to_read))
     totals = {"records_with_images": 0, "images_found": 0, "images_with_alt": 0}
     if to_read:
-        extracted = extract_dataframe(spark, to_read, config.extract).persist(StorageLevel.MEMORY_AND_DISK)
-        output = extracted.unionByName(_statuses_of_unread_files(spark, extracted, to_read))
-        with cleanup_afterwards(extracted.unpersist, "the cached extraction output"):
+        # Staged once: pairs, the log and the totals all read the one extraction (no persist: serverless refuses it).
+        with staged(extract_dataframe(spark, to_read, config.extract), lake, "extract") as extracted:
+            output = extracted.unionByName(_statuses_of_unread_files(spark, extracted, to_read))
             ensure_table(spark, lake, PAIRS, PAIRS_SCHEMA)
             condition = sql_in("source_file", to_read)
             replace_where(pairs_from_output(output), lake, PAIRS, condition)
@@ -136,8 +139,10 @@ def extract_dataframe(spark: SparkSession, files: list[str], config: ExtractConf
     extract = functools.partial(extract_partition, rules=rules, rows_per_batch=config.rows_per_batch)
     frames = []
     if streamed:
-        paths = spark.sparkContext.parallelize([(f,) for f in streamed], len(streamed))
-        frames.append(spark.createDataFrame(paths, "source_file string").mapInArrow(extract, OUTPUT_SCHEMA))
+        # One row per partition of a range, mapped to its file inside the task: exactly one file per task,
+        # without an RDD (Spark Connect has none).
+        by_index = functools.partial(_extract_file_by_index, files=streamed, extract=extract)
+        frames.append(spark.range(0, len(streamed), 1, len(streamed)).mapInArrow(by_index, OUTPUT_SCHEMA))
     if by_spark:
         frames.append(_extract_with_binary_file(spark, by_spark, rules, config.rows_per_batch))
     return functools.reduce(DataFrame.unionByName, frames)
@@ -191,14 +196,9 @@ def _extract_with_binary_file(
 ) -> DataFrame:
     """The ``binaryFile`` path. Every input ends with a status row: a file Spark lists but cannot read (above
     binaryFile's length limit, an I/O or permission error, a directory) is logged ``failed``, never fatal."""
-    readable: dict[str, str] = {}
-    failed: list[tuple[str, str]] = []
-    for source_file in files:
-        qualified = qualified_file(spark, source_file)
-        if qualified is None:
-            failed.append((source_file, "FileNotFoundError: the file does not exist"))
-        else:
-            readable[qualified] = source_file
+    existing = existing_files(spark, files)
+    readable = {qualified: source_file for source_file, qualified in existing.items()}
+    failed = [(f, "FileNotFoundError: no file there (missing, or a directory)") for f in files if f not in existing]
     frames = []
     if readable:
         names = spark.createDataFrame(list(readable.items()), "path string, source_file string")
@@ -218,6 +218,12 @@ def _extract_with_binary_file(
     if failed:
         frames.append(_failed_status_rows(spark.createDataFrame(failed, "source_file string, error string")))
     return functools.reduce(DataFrame.unionByName, frames)
+
+
+def _extract_file_by_index(batches, files: list[str], extract) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        sources = pa.array([files[i] for i in batch.column("id").to_pylist()], pa.string())
+        yield from extract(iter([pa.RecordBatch.from_arrays([sources], names=["source_file"])]))
 
 
 def _statuses_of_unread_files(spark: SparkSession, output: DataFrame, files: list[str]) -> DataFrame:

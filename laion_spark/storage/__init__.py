@@ -1,22 +1,35 @@
-"""The lake: Delta tables under one directory, and the run's counters."""
+"""The lake: Delta tables under one directory or in one catalog schema, file listings, and the run's counters."""
 
 from laion_spark.storage.delta import (
+    MergeCounts,
     append,
     ensure_table,
+    is_catalog_lake,
+    latest_commit,
+    latest_version,
+    merge,
     merge_insert_new,
     overwrite,
     read_table,
     replace_where,
+    staged,
     table_exists,
     table_path,
+    table_ref,
     upsert,
 )
-from laion_spark.storage.stats import StageCounter, new_run_id, read_funnel, record_step
+from laion_spark.storage.stats import StageCounter, count_drops, new_run_id, read_funnel, record_step
 
 __all__ = [
+    "MergeCounts",
     "StageCounter",
     "append",
+    "count_drops",
     "ensure_table",
+    "is_catalog_lake",
+    "latest_commit",
+    "latest_version",
+    "merge",
     "merge_insert_new",
     "new_run_id",
     "overwrite",
@@ -24,7 +37,9 @@ __all__ = [
     "read_table",
     "record_step",
     "replace_where",
+    "staged",
     "table_exists",
     "table_path",
+    "table_ref",
     "upsert",
 ]

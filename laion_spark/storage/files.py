@@ -1,60 +1,82 @@
-"""Filesystem operations on any URI Spark can read (local, s3a://, abfss://, dbfs:/, hdfs://): one place for them.
+"""Listing files on any URI Spark can read (local, s3a://, abfss://, dbfs:/, hdfs://): one place for it.
 
-Listing, existence and deletion go through the JVM's Hadoop FileSystem here, so whatever the user's Spark can
-read works without code changes. That needs a classic SparkSession (``sparkContext``); everything else in the
-library uses DataFrame/SQL APIs only.
+Listings go through Spark's ``binaryFile`` source with only its ``path`` and ``length`` columns selected, which
+lists files without reading them: a DataFrame API, so it works on Spark Connect too (where the JVM's Hadoop
+classes are out of reach). Spark's listing skips names that start with ``_`` or ``.`` (its hidden files).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterator, Sequence
+from urllib.parse import urlsplit
 
-from pyspark.sql import SparkSession
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    path: str  # fully qualified URI, as Spark's readers name the file
-    is_dir: bool
+def listing(spark: SparkSession, paths: str | Sequence[str]) -> DataFrame:
+    """(path, length) of every file that ``paths`` (files, directories or Hadoop globs) name; lazy."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    return spark.read.format("binaryFile").load(paths).select("path", "length")
 
 
-def _hadoop_fs(spark: SparkSession, uri: str):
-    """(Hadoop Path, FileSystem) for ``uri``: the one classic-only entry point into the JVM."""
-    jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(uri)
-    return hadoop_path, hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+def glob_files(spark: SparkSession, pattern: str) -> list[str]:
+    """The files ``pattern`` (a file, a directory's files, or a Hadoop glob) matches, sorted; [] for none."""
+    try:
+        # A listing of names, not data: collecting it is what the driver needs to plan one task per file.
+        rows = listing(spark, pattern).select("path").collect()
+    except AnalysisException as exc:
+        if "PATH_NOT_FOUND" in str(exc) or "does not exist" in str(exc):
+            return []
+        raise
+    return sorted(row.path for row in rows)
 
 
-def glob_files(spark: SparkSession, pattern: str) -> list[FileEntry]:
-    """What ``pattern`` (a path or a Hadoop glob) matches; an empty list when nothing does."""
-    hadoop_path, fs = _hadoop_fs(spark, pattern)
-    statuses = fs.globStatus(hadoop_path)
-    return [FileEntry(str(s.getPath().toString()), bool(s.isDirectory())) for s in statuses or []]
+def existing_files(spark: SparkSession, paths: Sequence[str]) -> dict[str, str]:
+    """``{path as given: path as Spark's readers name it}`` for each given path that is a file.
 
-
-def list_directory(spark: SparkSession, directory: str) -> list[str]:
-    """The files (not sub-directories) directly inside ``directory``, sorted."""
-    hadoop_path, fs = _hadoop_fs(spark, directory)
-    return sorted(str(child.getPath().toString()) for child in fs.listStatus(hadoop_path) if child.isFile())
+    One listing job for all of them; only when some path is missing does it look at them one by one. A
+    directory is not a file: it maps to nothing.
+    """
+    if not paths:
+        return {}
+    try:
+        rows = listing(spark, paths).collect()  # names and sizes only
+    except AnalysisException as exc:
+        if not _is_missing_path(exc):
+            raise
+        if len(paths) == 1:
+            return {}
+        found: dict[str, str] = {}
+        for path in paths:
+            found.update(existing_files(spark, [path]))
+        return found
+    given = {_file_key(path): path for path in paths}
+    return {given[_file_key(row.path)]: row.path for row in rows if _file_key(row.path) in given}
 
 
 def qualified_file(spark: SparkSession, path: str) -> str | None:
-    """``path`` fully qualified as Spark's readers report it, or None when no file is there."""
-    hadoop_path, fs = _hadoop_fs(spark, path)
-    if not fs.exists(hadoop_path):
-        return None
-    return str(fs.makeQualified(hadoop_path).toString())
+    """``path`` as Spark's readers name it, or None when no file is there."""
+    return existing_files(spark, [path]).get(path)
 
 
-def delete_path(spark: SparkSession, path: str) -> None:
-    """Remove ``path`` recursively; a path that is already gone is fine."""
-    hadoop_path, fs = _hadoop_fs(spark, path)
-    fs.delete(hadoop_path, True)
+def _is_missing_path(exc: AnalysisException) -> bool:
+    return "PATH_NOT_FOUND" in str(exc) or "does not exist" in str(exc).lower()
+
+
+def _file_key(path: str) -> str:
+    """One spelling per local file (``/a/b``, ``file:/a/b`` and ``file:///a/b`` agree); other URIs as they are."""
+    scheme = urlsplit(path).scheme.lower()
+    if scheme == "file":
+        return os.path.normpath(urlsplit(path).path)
+    if len(scheme) <= 1:  # no scheme, or a Windows drive letter
+        return os.path.normpath(os.path.abspath(path))
+    return path
 
 
 @contextlib.contextmanager
@@ -68,8 +90,3 @@ def cleanup_afterwards(cleanup: Callable[[], object], what: str) -> Iterator[Non
             cleanup()
         except Exception as exc:  # noqa: BLE001 - see the docstring
             log.warning("could not clean up %s: %s: %s", what, type(exc).__name__, exc)
-
-
-def deleted_afterwards(spark: SparkSession, path: str) -> contextlib.AbstractContextManager[None]:
-    """Delete ``path`` (a staging folder) when the block ends, without ever hiding the block's exception."""
-    return cleanup_afterwards(lambda: delete_path(spark, path), path)

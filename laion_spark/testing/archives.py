@@ -66,6 +66,35 @@ def write_warc(path: Path, pages: list[HtmlPage], gzip_members: bool | None = No
     return path
 
 
+@dataclass
+class ArchivedResponse:
+    """One HTTP response as a crawler stored it: an image, an error page, anything with a status and headers."""
+
+    url: str  # WARC-Target-URI, written as it is (not normalised)
+    body: bytes
+    status_line: str = "200 OK"
+    headers: list[tuple[str, str]] = field(default_factory=lambda: [("Content-Type", "image/jpeg")])
+    date: str = CRAWL_DATE
+
+
+def write_responses(path: Path, responses: list[ArchivedResponse], gzip_members: bool | None = None) -> Path:
+    """A WARC of ``response`` records only (gzip per record when the name ends in .gz), in the order given."""
+    compress = path.name.endswith(".gz") if gzip_members is None else gzip_members
+    with open(path, "wb") as out:
+        writer = WARCWriter(out, gzip=compress)
+        for response in responses:
+            headers = [*response.headers, ("Content-Length", str(len(response.body)))]
+            record = writer.create_warc_record(
+                response.url,
+                "response",
+                payload=io.BytesIO(response.body),
+                http_headers=StatusAndHeaders(response.status_line, headers, protocol="HTTP/1.1"),
+                warc_headers_dict={"WARC-Date": response.date},
+            )
+            writer.write_record(record)
+    return path
+
+
 def wat_json(page: WatPage) -> dict:
     links = [dict(link) for link in page.other_links]
     for src, alt in page.images:
