@@ -23,8 +23,9 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[all,dev]'
 	touch $@
 
+# Delta, and the S3 connector (8.7 MB: s3a:// lakes and inputs, and tests/test_object_store.py).
 $(JARS_STAMP): $(STAMP) laion_spark/jars.py
-	$(PY) -m laion_spark.jars fetch
+	$(PY) -m laion_spark.jars fetch --connector s3
 	touch $@
 
 $(MODEL): $(STAMP) laion_spark/testing/tiny_clip.py laion_spark/testing/synthetic.py

@@ -31,9 +31,9 @@ class SparkConfig:
     shuffle_partitions: int = 8
     # Extra Spark settings, passed through verbatim (e.g. spark.driver.memory: 4g).
     conf: dict[str, str] = field(default_factory=dict)
-    # Object-store connectors a locally built session loads from the jar cache: s3 (hadoop-aws for s3a://, and
-    # s3:// too). Fetch them once with `python -m laion_spark.jars fetch --connector s3`; credentials and endpoint
-    # go in conf (spark.hadoop.fs.s3a.*). Ignored when a session is active or remote: a cluster brings its own.
+    # Object-store connectors that a session laion_spark builds loads from the jar cache: s3 (hadoop-aws, for
+    # s3a:// and s3://). Fetch them once with `python -m laion_spark.jars fetch --connector s3`; keys and endpoint
+    # go in conf (spark.hadoop.fs.s3a.*). Leave it empty where the cluster has its own (EMR, Databricks).
     object_stores: list[str] = field(default_factory=list)
 
 

@@ -38,9 +38,12 @@ def is_connect(spark: SparkSession) -> bool:
 
 
 def build_local_session(spark_config: SparkConfig) -> SparkSession:
+    """A classic session with Delta. Under spark-submit (which starts this driver and sets its master, jars and
+    packages) only the settings spark-submit did not make are added: its ``--master`` and ``--packages`` win."""
+    submitted = launched_by_spark_submit()
+    builder = SparkSession.builder if submitted else SparkSession.builder.master(spark_config.master)
     builder = (
-        SparkSession.builder.master(spark_config.master)
-        .appName(spark_config.app_name)
+        builder.appName(spark_config.app_name)
         .config("spark.sql.extensions", DELTA_EXTENSION)
         .config("spark.sql.catalog.spark_catalog", DELTA_CATALOG)
         .config("spark.sql.shuffle.partitions", str(spark_config.shuffle_partitions))
@@ -50,15 +53,16 @@ def build_local_session(spark_config: SparkConfig) -> SparkSession:
         # Delta's retention check stops VACUUM of recent files; local lakes are scratch data.
         .config("spark.databricks.delta.retentionDurationCheck.enabled", "false")
     )
-    jars = cached_delta_jars()
+    jars = [] if submitted else cached_delta_jars()
     if jars:
         builder = builder.config("spark.jars", ",".join(str(p) for p in jars))
-    elif "spark.jars.packages" not in spark_config.conf:
+    elif "spark.jars.packages" not in spark_config.conf and not submitted:
         raise RuntimeError(
             "Delta Lake jars are not cached. Run `make setup` (or `python -m laion_spark.jars fetch`) once "
             "with network access, or pass --set spark.conf.spark.jars.packages=io.delta:delta-spark_2.13:4.0.1 (needs network)."
         )
-    builder = add_object_store_connectors(builder, spark_config, jars)
+    if not submitted:
+        builder = add_object_store_connectors(builder, spark_config, jars)
     # Executors started by a standalone master or local-cluster must find the same Python.
     os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON") or _current_python())
     for key, value in spark_config.conf.items():
@@ -84,6 +88,12 @@ def add_object_store_connectors(
     for key, value in settings.items():
         builder = builder.config(key, value)
     return builder
+
+
+def launched_by_spark_submit() -> bool:
+    """Whether spark-submit (or a Databricks / EMR launcher built on it) started this Python driver: it then
+    hands the driver a JVM gateway through this variable, with the master and the jars already decided."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
 def _current_python() -> str:

@@ -15,7 +15,7 @@ set -euo pipefail
 # needs 3.10 or later.
 PYTHON=/usr/bin/python3.11
 
-WHEEL_URI="${1:?usage: bootstrap.sh s3://BUCKET/PATH/laion_spark-VERSION-py3-none-any.whl [EXTRAS] [s3://BUCKET/PATH/constraints.txt]}"
+WHEEL_URI="${1:?usage: bootstrap.sh s3://.../laion_spark-VERSION-py3-none-any.whl [EXTRAS] [s3://.../constraints.txt]}"
 EXTRAS="${2-clip}"
 CONSTRAINTS_URI="${3-}"
 

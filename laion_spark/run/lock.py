@@ -8,7 +8,7 @@ holds the lake while it runs:
   is older than the lease) or broken on purpose. Of two concurrent MERGEs Delta's optimistic concurrency lets at
   most one commit; the other fails with a conflict, read here as "held by another run". Reading the row back then
   says who holds it.
-- the holder heartbeats while it runs (after each stage, and from a background thread during a long one), so a
+- the holder heartbeats while it runs (between stages, and from a background thread during a long one), so a
   live run is never taken over; a run that died without releasing is taken over once its lease has run out, or at
   once with ``break_lock``.
 - release frees the row, whether the run succeeded or failed.
@@ -153,16 +153,18 @@ class RunLock:
         if now is None or now.run_id != self.run_id:
             raise LakeLocked(self.lake, now, self.lease_s)
         if before is not None and before.run_id != self.run_id:
-            log.warning("run %s took the lake %s over from %s", self.run_id, self.lake, before.describe())
+            log.info("run %s took the lake %s over from %s", self.run_id, self.lake, before.describe())
             return before
         return None
 
     def heartbeat(self) -> None:
         """Mark the lock as alive; raise :class:`LockLost` when another run holds it now."""
-        self._with_retries(
+        updated = self._with_retries(
             f"UPDATE {self.table} SET heartbeat_at = current_timestamp() WHERE {self._mine()}",
             on_conflict="heartbeating",
         )
+        if updated:
+            return  # the row named this run when the update committed: it still holds the lake
         holder = self.holder()
         if holder is None or holder.run_id != self.run_id:
             taker = holder.describe() if holder else "no run (the lock row was freed)"
@@ -180,9 +182,7 @@ class RunLock:
             on_conflict="releasing",
         )
         if not released:
-            log.warning(
-                "run %s could not release the run lock of %s; it expires with its lease", self.run_id, self.lake
-            )
+            log.info("run %s released nothing: it did not hold the run lock of %s any more", self.run_id, self.lake)
 
     def holder(self) -> LockHolder | None:
         """The run holding the lake now, or None when it is free."""
@@ -239,18 +239,20 @@ class RunLock:
         lease_us = int(self.lease_s * 1_000_000)
         return f"unix_micros({alias}.heartbeat_at) < unix_micros(current_timestamp()) - {lease_us}"
 
-    def _with_retries(self, statement: str, on_conflict: str) -> bool:
-        """Run ``statement``, again when a concurrent commit wins; False when every attempt lost (the caller reads
-        the row back to know where it stands)."""
+    def _with_retries(self, statement: str, on_conflict: str) -> int:
+        """Run ``statement`` (an UPDATE or a MERGE), again when a concurrent commit wins; the rows it changed, 0
+        when every attempt lost (the caller reads the row back to know where it stands)."""
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                self.spark.sql(statement)
-                return True
+                # Delta's DML returns one row of counts; num_affected_rows is the rows it changed.
+                counts = self.spark.sql(statement).first()
             except Exception as exc:
                 if not is_commit_conflict(exc):
                     raise
                 log.debug("run %s: a concurrent commit won while %s (attempt %d)", self.run_id, on_conflict, attempt)
-        return False
+                continue
+            return int(counts["num_affected_rows"]) if counts is not None else 0
+        return 0
 
 
 def _literal(value: str) -> str:

@@ -145,7 +145,7 @@ def run_pipeline(
             result.done.append(done)
             log.debug("%s", done.summary)
             report(f"{step} {done.progress_line()}")
-            if not _still_holds(lock, result):
+            if number < len(selected) and not _still_holds(lock, result):
                 break
         if result.ok:
             result.funnel = _funnel(spark, result)
@@ -176,7 +176,7 @@ def _stage_runners(
 
 
 def _still_holds(lock: RunLock, result: PipelineResult) -> bool:
-    """Heartbeat after a stage. A lost lock stops the run; a heartbeat that fails for another reason does not."""
+    """Heartbeat between two stages. A lost lock stops the run; a heartbeat that fails otherwise does not."""
     try:
         lock.heartbeat()
     except LockLost as exc:

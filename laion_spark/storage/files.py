@@ -34,7 +34,7 @@ def glob_files(spark: SparkSession, pattern: str) -> list[str]:
         if "PATH_NOT_FOUND" in str(exc) or "does not exist" in str(exc):
             return []
         raise
-    return sorted(row.path for row in rows)
+    return sorted(local_spelling(row.path) for row in rows)
 
 
 def existing_files(spark: SparkSession, paths: Sequence[str]) -> dict[str, str]:
@@ -63,6 +63,14 @@ def existing_files(spark: SparkSession, paths: Sequence[str]) -> dict[str, str]:
 def qualified_file(spark: SparkSession, path: str) -> str | None:
     """``path`` as Spark's readers name it, or None when no file is there."""
     return existing_files(spark, [path]).get(path)
+
+
+def local_spelling(path: str) -> str:
+    """``file:/a/b`` as ``/a/b``: one name per local file whoever listed it (Python on a classic driver, Spark's
+    listing on Spark Connect), so that ``source_file`` and the ingest log agree across both."""
+    if urlsplit(path).scheme.lower() == "file":
+        return os.path.normpath(urlsplit(path).path)
+    return path
 
 
 def _is_missing_path(exc: AnalysisException) -> bool:

@@ -63,7 +63,10 @@ CONNECTOR_SETTINGS: dict[str, dict[str, str]] = {
 
 _URI = re.compile(r"\b(?:s3a?|gs|abfss?|wasbs?)://[^\s'\"`:;,)]+")
 _NO_FILESYSTEM = re.compile(r'No FileSystem for scheme "([^"]*)"')
-_CLASS_NOT_FOUND = re.compile(r"(?:Class (\S+) not found|ClassNotFoundException: (\S+)|NoClassDefFoundError: (\S+))")
+# Hadoop words it "ClassNotFoundException: Class X not found"; the JVM "ClassNotFoundException: X".
+_CLASS_NOT_FOUND = re.compile(
+    r"(?:Class (\S+) not found|ClassNotFoundException: (?!Class )(\S+)|NoClassDefFoundError: (\S+))"
+)
 _S3_ERROR_CODE = re.compile(r"Status Code: 403[^)]*\):\s*(\w+)")
 _UNREACHABLE = re.compile(r"(?:Unable to execute HTTP request: Connect to (\S+)|UnknownHostException: (\S+))")
 _FORBIDDEN_REASONS = {
@@ -115,12 +118,13 @@ def explain_storage_error(exc: BaseException, uris: Iterable[str] = ()) -> str |
     uris = [u for u in uris if u]
 
     def uri_in(store: ObjectStore | None) -> str:
+        """The path the JVM named, else the first given path in ``store``, else a description of one."""
         mentioned = _URI.search(text)
         if mentioned and (store is None or object_store_of(mentioned.group(0)) is store):
             return mentioned.group(0)
-        return next((u for u in uris if store is not None and object_store_of(u) is store), "") or (
-            uris[0] if uris else ""
-        )
+        if store is None:
+            return uris[0] if uris else "a path"
+        return next((u for u in uris if object_store_of(u) is store), f"a path in {store.label}")
 
     missing_store, missing_class = _missing_connector(text)
     if missing_store is not None:
@@ -132,7 +136,7 @@ def explain_storage_error(exc: BaseException, uris: Iterable[str] = ()) -> str |
         ("software.amazon.awssdk.", "org.apache.hadoop.fs.s3a.")
     ):
         return (
-            f"{uri_in(S3)}: the S3 connector's jars are incomplete ({missing_class} is missing); run "
+            f"{uri_in(S3)}: the S3 connector's jars are incomplete ({missing_class.replace('/', '.')} is missing); run "
             "`python -m laion_spark.jars fetch --connector s3` again, or give the cluster the AWS SDK that its "
             "hadoop-aws was built with."
         )
@@ -144,9 +148,10 @@ def explain_storage_error(exc: BaseException, uris: Iterable[str] = ()) -> str |
             "org.apache.hadoop.fs.s3a.AnonymousAWSCredentialsProvider)."
         )
     if "Status Code: 403" in text or ("AccessDeniedException" in text and _URI.search(text)):
-        code = _S3_ERROR_CODE.search(text)
-        reason = _FORBIDDEN_REASONS.get(code.group(1) if code else "", "the credentials in use may not do this there")
-        status = f"HTTP 403 {code.group(1)}" if code else "HTTP 403"
+        match = _S3_ERROR_CODE.search(text)
+        code = match.group(1) if match and match.group(1) != "null" else ""  # a HEAD's 403 has no body, no code
+        reason = _FORBIDDEN_REASONS.get(code, "the credentials in use may not do this there")
+        status = f"HTTP 403 {code}".strip()
         return (
             f"{uri_in(S3)}: access denied ({status}): {reason}; check the keys in spark.hadoop.fs.s3a.* (or the "
             "AWS_* environment) and the bucket's policy."
