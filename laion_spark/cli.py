@@ -7,9 +7,8 @@ import logging
 import sys
 from collections.abc import Callable
 
-from laion_spark.config import Config, ConfigError, load_config
-from laion_spark.run.lock import DEFAULT_LEASE_HOURS
-from laion_spark.run.pipeline import STAGES
+# Only the config here: `laion-spark --help` must work where pyspark is not installed yet.
+from laion_spark.config import DEFAULT_LEASE_HOURS, STAGES, Config, ConfigError, load_config
 
 log = logging.getLogger("laion_spark")
 

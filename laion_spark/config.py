@@ -16,6 +16,11 @@ from typing import Any, Union
 
 import yaml
 
+# The pipeline's stages, in order: CLI commands, packages and (first) output tables of the same names.
+STAGES = ("extract", "candidates", "download", "score")
+# How long a run may go without a heartbeat before another run may take its lake over (laion-spark run).
+DEFAULT_LEASE_HOURS = 6.0
+
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says where and what."""

@@ -241,15 +241,21 @@ def test_of_two_runs_racing_for_one_lake_exactly_one_wins(spark, tmp_path: Path)
         next(lock for lock in locks if lock.run_id == winner).release()
 
 
-def test_a_live_run_heartbeats_through_a_stage_longer_than_its_lease(spark, tmp_path: Path):
+def test_a_long_stage_keeps_heartbeating_so_a_live_run_is_never_taken_for_dead(spark, tmp_path: Path):
     lake = str(tmp_path / "lake")
-    lease_hours = 6 / 3600  # six seconds
-    live = RunLock(spark, lake, "run-A", lease_hours=lease_hours)
+    live = RunLock(spark, lake, "run-A")
     live.acquire()
-    with live.kept_alive(interval_s=0.5):
-        time.sleep(8)  # a "stage" longer than the lease
-        with pytest.raises(LakeLocked, match="held by run run-A"):
-            RunLock(spark, lake, "run-B", lease_hours=lease_hours).acquire()
+    beats = [live.holder().heartbeat_at]
+    with live.kept_alive(interval_s=0.2):  # while a stage runs
+        deadline = time.monotonic() + 120
+        while len(beats) < 3:
+            assert time.monotonic() < deadline, "no heartbeat while the stage ran"
+            heartbeat_at = live.holder().heartbeat_at
+            if heartbeat_at != beats[-1]:
+                beats.append(heartbeat_at)
+    after = live.holder().heartbeat_at
+    time.sleep(1)
+    assert live.holder().heartbeat_at == after, "the heartbeat stops with the block"
     live.release()
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 
+from laion_spark.config import DEFAULT_LEASE_HOURS
 from laion_spark.run.messages import format_duration, one_line
 from laion_spark.schemas import RUN_LOCK, RUN_LOCK_SCHEMA
 from laion_spark.storage import ensure_table, table_exists, table_ref
@@ -38,7 +39,6 @@ from laion_spark.storage import ensure_table, table_exists, table_ref
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "lake"  # the table holds this one row
-DEFAULT_LEASE_HOURS = 6.0
 # A commit conflict means another run changed the row meanwhile: try again, then read who holds it.
 _ATTEMPTS = 3
 # Markers of Delta's commit conflicts, as classic PySpark (a Py4J error naming the Java class) and Spark Connect

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pyspark.sql import SparkSession
 
-from laion_spark.config import Config, ConfigError
+from laion_spark.config import STAGES, Config, ConfigError
 from laion_spark.report import format_funnel
 from laion_spark.run.lock import DEFAULT_LEASE_HOURS, LockHolder, LockLost, RunLock
 from laion_spark.run.messages import format_duration, one_line
@@ -25,8 +25,6 @@ from laion_spark.storage.files import cleanup_afterwards
 from laion_spark.storage.stats import OUTCOME_PREFIX
 
 log = logging.getLogger(__name__)
-
-STAGES = ("extract", "candidates", "download", "score")
 
 
 @dataclass(frozen=True)

@@ -3,19 +3,21 @@
 A local session reads ``s3a://`` only with hadoop-aws and the AWS SDK on its classpath. ``spark.object_stores:
 [s3]`` in the config adds them from the jar cache (``python -m laion_spark.jars fetch --connector s3`` fills it);
 clusters (EMR, Databricks, Dataproc) bring their own connectors. When a connector or the credentials are missing,
-Hadoop answers with a Java stack trace: :func:`explain_storage_error` turns the common cases into one sentence that
-says what to add.
+Hadoop answers with a Java stack trace. :func:`check_object_store` says so in one sentence before a local session
+starts without the connector; :func:`explain_storage_error` turns the JVM's answers (no connector, no or refused
+credentials, no bucket, no endpoint) into one sentence that says what to add, wherever the session came from.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from laion_spark.config import ConfigError
+from laion_spark.config import ConfigError, SparkConfig
 from laion_spark.jars import CONNECTOR_ARTIFACTS, cached_connector_jars, connector_dir
 
 
@@ -24,6 +26,8 @@ class ObjectStore:
     label: str
     schemes: tuple[str, ...]
     filesystem_classes: tuple[str, ...]  # Hadoop FileSystem classes whose absence means "no connector"
+    jar_prefixes: tuple[str, ...]  # a jar named so in Spark's own jars folder brings the connector
+    connector: str | None  # its name in spark.object_stores, when laion_spark can load it
     how_to_add: str  # the end of the sentence that says what to add
 
 
@@ -31,6 +35,8 @@ S3 = ObjectStore(
     "S3",
     ("s3a", "s3"),
     ("org.apache.hadoop.fs.s3a.S3AFileSystem",),
+    ("hadoop-aws-",),
+    "s3",
     "add `object_stores: [s3]` to the config's spark section (or --set spark.object_stores=[s3]) after running "
     "`python -m laion_spark.jars fetch --connector s3` once, or put hadoop-aws on the cluster's classpath",
 )
@@ -40,6 +46,8 @@ OBJECT_STORES = (
         "Google Cloud Storage",
         ("gs",),
         ("com.google.cloud.hadoop.fs.gcs.GoogleHadoopFileSystem",),
+        ("gcs-connector",),
+        None,
         "put Google's shaded gcs-connector jar in spark.conf.spark.jars (Dataproc has it built in)",
     ),
     ObjectStore(
@@ -50,17 +58,35 @@ OBJECT_STORES = (
             "org.apache.hadoop.fs.azurebfs.AzureBlobFileSystem",
             "org.apache.hadoop.fs.azure.NativeAzureFileSystem",
         ),
+        ("hadoop-azure-",),
+        None,
         "add org.apache.hadoop:hadoop-azure:3.4.1 to spark.conf.spark.jars.packages (Databricks and HDInsight "
         "have it built in)",
     ),
 )
 
 # Spark settings each connector adds to a local session (the user's spark.conf is applied after, and wins).
-# s3:// is EMRFS's scheme on EMR, and the one Common Crawl's paths are written with; locally S3A serves it too.
 CONNECTOR_SETTINGS: dict[str, dict[str, str]] = {
-    "s3": {"spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem"},
+    "s3": {
+        # s3:// is EMRFS's scheme on EMR, and the one Common Crawl's paths are written with: S3A serves it here.
+        "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        # Loading one path, Spark first looks for a streaming sink's _spark_metadata in it; S3A answers a glob
+        # with FileNotFoundException, which Spark logs as a WARN with a stack trace at every input listing. The
+        # pipeline never reads a streaming sink's output.
+        "spark.sql.streaming.fileStreamSink.ignoreMetadata": "true",
+    },
 }
 
+# Where the driver's classpath is not only Spark's jars and spark.jars: another JVM (spark-submit, Spark Connect)
+# or a classpath the environment extends.
+_FOREIGN_CLASSPATH_VARIABLES = (
+    "SPARK_REMOTE",
+    "PYSPARK_GATEWAY_PORT",
+    "SPARK_DIST_CLASSPATH",
+    "SPARK_CLASSPATH",
+    "HADOOP_CLASSPATH",
+)
+_CLASSPATH_SETTINGS = ("spark.jars", "spark.jars.packages", "spark.driver.extraClassPath")
 _URI = re.compile(r"\b(?:s3a?|gs|abfss?|wasbs?)://[^\s'\"`:;,)]+")
 _NO_FILESYSTEM = re.compile(r'No FileSystem for scheme "([^"]*)"')
 # Hadoop words it "ClassNotFoundException: Class X not found"; the JVM "ClassNotFoundException: X".
@@ -106,6 +132,23 @@ def object_store_of(uri: str) -> ObjectStore | None:
     return next((store for store in OBJECT_STORES if scheme in store.schemes), None)
 
 
+def check_object_store(spark_config: SparkConfig, uris: Iterable[str]) -> None:
+    """Before the session is built: a ConfigError (one sentence) when a URI lives in an object store whose
+    connector the local session that laion_spark is about to start will not have.
+
+    It says nothing wherever the classpath is not laion_spark's to know: a session already active, Spark Connect
+    (SPARK_REMOTE), spark-submit's own JVM (PYSPARK_GATEWAY_PORT), jars added through spark.conf or the
+    environment. Whatever it cannot tell, :func:`explain_storage_error` translates once the JVM has answered.
+    """
+    if not _builds_its_own_jvm(spark_config):
+        return
+    for uri in uris:
+        store = object_store_of(uri)
+        if store is None or store.connector in spark_config.object_stores or _spark_jars_bring(store):
+            continue
+        raise ConfigError(_no_connector(uri, store))
+
+
 def explain_storage_error(exc: BaseException, uris: Iterable[str] = ()) -> str | None:
     """One sentence that says what to add, for an error from a missing object-store connector, missing or
     refused credentials, a missing bucket or an unreachable endpoint; None for any other error.
@@ -128,7 +171,7 @@ def explain_storage_error(exc: BaseException, uris: Iterable[str] = ()) -> str |
 
     missing_store, missing_class = _missing_connector(text)
     if missing_store is not None:
-        return f"{uri_in(missing_store)}: this Spark session has no {missing_store.label} connector; {missing_store.how_to_add}."
+        return _no_connector(uri_in(missing_store), missing_store)
     scheme = _NO_FILESYSTEM.search(text)
     if scheme:
         return f"{uri_in(None)}: this Spark session has no Hadoop FileSystem for '{scheme.group(1)}://'; check the URI."
@@ -170,6 +213,32 @@ def explain_storage_error(exc: BaseException, uris: Iterable[str] = ()) -> str |
     return None
 
 
+def _no_connector(uri: str, store: ObjectStore) -> str:
+    return f"{uri}: this Spark session has no {store.label} connector; {store.how_to_add}."
+
+
+def _builds_its_own_jvm(spark_config: SparkConfig) -> bool:
+    """Whether the next session is a local one whose JVM starts from Spark's jars and the jar cache only."""
+    from pyspark.sql import SparkSession  # here: the CLI imports this module before it needs Spark
+
+    if SparkSession.getActiveSession() is not None:
+        return False
+    if any(os.environ.get(name) for name in _FOREIGN_CLASSPATH_VARIABLES):
+        return False
+    return not any(key in spark_config.conf for key in _CLASSPATH_SETTINGS)
+
+
+def _spark_jars_bring(store: ObjectStore) -> bool:
+    """Whether Spark's own jars folder (pyspark's, or $SPARK_HOME's) holds the store's connector."""
+    import pyspark
+
+    home = os.environ.get("SPARK_HOME")
+    folder = Path(home) / "jars" if home else Path(pyspark.__file__).parent / "jars"
+    if not folder.is_dir():
+        return True  # a layout we do not know: let the JVM answer
+    return any(jar.name.startswith(store.jar_prefixes) for jar in folder.iterdir())
+
+
 def _missing_connector(text: str) -> tuple[ObjectStore | None, str | None]:
     """(the store whose FileSystem class or scheme is missing, the first missing class named in ``text``)."""
     scheme = _NO_FILESYSTEM.search(text)
@@ -206,6 +275,7 @@ __all__ = [
     "CONNECTOR_SETTINGS",
     "OBJECT_STORES",
     "ObjectStore",
+    "check_object_store",
     "connector_jars_and_settings",
     "explain_storage_error",
     "object_store_of",
