@@ -250,10 +250,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"laion-spark: config error: {exc}", file=sys.stderr)
         return 2
     handler: Callable[[argparse.Namespace, Config], int | None] = args.handler
+    uris = [args.lake, *(getattr(args, "inputs", None) or []), config.extract.manifest_prefix]
+    # Imported here: the storage package needs pyspark, and `--help` must not.
+    from laion_spark.storage.object_store import check_object_store, explain_storage_error
+
     try:
+        check_object_store(config.spark, uris)  # one line, before any JVM starts
         code = handler(args, config)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"laion-spark {args.stage}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        explained = explain_storage_error(exc, uris)
+        if explained is None:
+            raise
+        print(f"laion-spark {args.stage}: {explained}", file=sys.stderr)
         return 2
     return code or 0
 

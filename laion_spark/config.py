@@ -303,8 +303,9 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         }
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool) and "conf" in key:
-        return str(value)  # Spark settings such as spark.sql.shuffle.partitions: 8
+    if hint is str and isinstance(value, (int, float, bool)) and "conf" in key:
+        # Spark settings such as spark.sql.shuffle.partitions: 8 or fs.s3a.path.style.access: true, as Spark spells them
+        return str(value).lower() if isinstance(value, bool) else str(value)
     if hint in (int, float, str, bool) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):

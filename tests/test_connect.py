@@ -1,9 +1,12 @@
 """Where our users run Spark: the whole pipeline through a real Spark Connect server, the standard way
-(``SPARK_REMOTE=sc://host:port laion-spark ...``), giving the same tables as the classic run of the same inputs."""
+(``SPARK_REMOTE=sc://host:port laion-spark run ...``), giving the same tables as the classic run of the same inputs,
+and the notebook over the result with a Connect session."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +49,14 @@ def _settings(base_url: str) -> list[str]:
     ]
 
 
+def _notebook_code(lake: str) -> str:
+    """notebooks/explore_lake.ipynb's code cells as one script over ``lake``, printing the session's type."""
+    cells = json.loads((PROJECT_ROOT / "notebooks" / "explore_lake.ipynb").read_text())["cells"]
+    code = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
+    code = re.sub(r"(?m)^LAKE = .*$", f"LAKE = {lake!r}", code)
+    return code + "\nprint(type(spark).__module__)\n"
+
+
 def test_whole_pipeline_through_spark_connect_matches_the_classic_run(spark, tmp_path):
     crawl = tmp_path / "crawl"
     server, base_url = serve_synthetic_images()
@@ -60,13 +71,20 @@ def test_whole_pipeline_through_spark_connect_matches_the_classic_run(spark, tmp
             env["SPARK_REMOTE"] = remote
             sets = [arg for override in overrides for arg in ("--set", override)]
             common = ["--lake", connect_lake, "--config", str(DEMO_CONFIG), *sets]
-            for stage in (["extract", "--input", inputs], ["candidates"], ["download"], ["score"], ["funnel"]):
-                result = subprocess.run(
-                    [sys.executable, "-m", "laion_spark", stage[0], *common, *stage[1:]],
-                    env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                )  # fmt: skip
-                assert result.returncode == 0, (stage, result.stdout[-2000:], result.stderr[-4000:])
+            result = subprocess.run(
+                [sys.executable, "-m", "laion_spark", "run", *common, "--input", inputs],
+                env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+            )  # fmt: skip
+            assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
             assert "score.above_threshold" in result.stdout
+            # The notebook, as a user runs it with a Connect session for `spark`.
+            notebook = _notebook_code(connect_lake)
+            result = subprocess.run(
+                [sys.executable, "-c", notebook], env=env, capture_output=True, text=True, timeout=300,
+                cwd=PROJECT_ROOT / "notebooks",
+            )  # fmt: skip
+            assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+            assert "score.above_threshold" in result.stdout and "pyspark.sql.connect" in result.stdout
 
         classic_lake = str(tmp_path / "classic-lake")
         config = load_config(DEMO_CONFIG, overrides)

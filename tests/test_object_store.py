@@ -7,12 +7,16 @@ One subprocess runs every Spark step (the CLI four times, then the read-back) in
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
+import io
 import json
 import logging
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pyspark
@@ -21,7 +25,13 @@ from pyspark.sql import SparkSession
 
 from laion_spark.config import ConfigError, SparkConfig
 from laion_spark.extract import ExtractRules, FileStatus, extract_file
-from laion_spark.jars import AWS_SDK_VERSION, CONNECTOR_ARTIFACTS, HADOOP_VERSION, fetch_connector_jars
+from laion_spark.jars import (
+    AWS_SDK_VERSION,
+    CONNECTOR_ARTIFACTS,
+    HADOOP_VERSION,
+    cached_delta_jars,
+    fetch_connector_jars,
+)
 from laion_spark.session import add_object_store_connectors
 from laion_spark.storage.object_store import check_object_store, explain_storage_error, object_store_of
 from laion_spark.testing.archives import WatPage, write_wat
@@ -49,8 +59,9 @@ UNKNOWN_KEY = (
     "you provided does not exist in our records. (Service: S3, Status Code: 403, Request ID: wfqx):InvalidAccessKeyId"
 )
 FORBIDDEN = (
-    "An error occurred while calling z:io.delta.tables.DeltaTable.isDeltaTable.\n: java.nio.file.AccessDeniedException: "
-    "s3a://bucket/lake/pairs/_delta_log: getFileStatus on s3a://bucket/lake/pairs/_delta_log: "
+    "An error occurred while calling z:io.delta.tables.DeltaTable.isDeltaTable.\n: "
+    "java.nio.file.AccessDeniedException: s3a://bucket/lake/pairs/_delta_log: "
+    "getFileStatus on s3a://bucket/lake/pairs/_delta_log: "
     "software.amazon.awssdk.services.s3.model.S3Exception: null (Service: S3, Status Code: 403, Request ID: X6Yi):null"
 )
 NO_BUCKET = (
@@ -68,7 +79,10 @@ SDK_MISSING = (
     "software/amazon/awssdk/transfer/s3/model/ObjectTransfer\nCaused by: java.lang.ClassNotFoundException: "
     "software.amazon.awssdk.transfer.s3.model.ObjectTransfer"
 )
-NO_GS = 'An error occurred while calling o58.load.\n: org.apache.hadoop.fs.UnsupportedFileSystemException: No FileSystem for scheme "gs"'
+NO_GS = (
+    "An error occurred while calling o58.load.\n: org.apache.hadoop.fs.UnsupportedFileSystemException: "
+    'No FileSystem for scheme "gs"'
+)
 NO_ABFSS = (
     "An error occurred while calling o61.load.\n: java.lang.RuntimeException: java.lang.ClassNotFoundException: "
     "Class org.apache.hadoop.fs.azurebfs.SecureAzureBlobFileSystem not found"
@@ -127,6 +141,21 @@ def test_s3_connector_is_the_small_set_for_pyspark_s_own_hadoop():
     sdk = [p for p in paths if p.startswith("software/amazon/awssdk/")]
     assert sdk and all(f"/{AWS_SDK_VERSION}/" in p for p in sdk)
     assert not any("/bundle/" in p for p in paths)  # the 558 MB SDK bundle
+
+
+def test_fetch_keeps_no_jar_whose_sha1_is_not_the_tested_one(tmp_path, monkeypatch):
+    served = b"a jar that Maven Central vouches for, but not the one that was tested"
+
+    def maven_central(url: str, timeout: float):
+        body = hashlib.sha1(served).hexdigest().encode() if url.endswith(".sha1") else served
+        return contextlib.nullcontext(io.BytesIO(body))
+
+    monkeypatch.setattr(urllib.request, "urlopen", maven_central)
+    monkeypatch.setenv("LAION_SPARK_JARS_DIR", str(tmp_path))
+    monkeypatch.setitem(CONNECTOR_ARTIFACTS, "s3", [("org/example/x/1.0/x-1.0.jar", "0" * 40)])
+    with pytest.raises(RuntimeError, match="does not match the pinned 0000"):
+        fetch_connector_jars("s3")
+    assert list((tmp_path / "s3").iterdir()) == []
 
 
 def test_session_refuses_an_uncached_or_unknown_connector_before_spark_starts(tmp_path, monkeypatch):
@@ -227,10 +256,12 @@ def s3_connector() -> list[Path]:
 
 @pytest.fixture
 def s3_endpoint():
-    """A real S3 API on 127.0.0.1 (moto's server mode), with one empty bucket; its endpoint URL."""
+    """A real S3 API on 127.0.0.1 (moto's server mode) with one empty bucket: (endpoint URL, boto3 client)."""
     boto3 = pytest.importorskip("boto3")
     moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request would bury a failure's output
+    werkzeug_log = logging.getLogger("werkzeug")
+    level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)  # a line per request would bury a failure's output
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -245,6 +276,7 @@ def s3_endpoint():
     client.create_bucket(Bucket=BUCKET)
     yield endpoint, client
     server.stop()
+    werkzeug_log.setLevel(level)
 
 
 def s3_settings(endpoint: str) -> list[str]:
@@ -318,13 +350,13 @@ def test_extract_and_candidates_on_an_s3a_lake_are_idempotent(s3_connector, s3_e
 
 
 def test_uncached_connector_is_a_one_line_error_before_spark_starts(tmp_path):
-    delta_jars = glob.glob(str(PROJECT_ROOT / ".cache" / "jars" / "delta-*.jar"))
+    delta_jars = cached_delta_jars()
     if not delta_jars:
         pytest.skip("Delta's jars are not cached (make setup)")
     jars = tmp_path / "jars"  # Delta's jars as cached, and no S3 connector
     jars.mkdir()
     for jar in delta_jars:
-        (jars / Path(jar).name).symlink_to(jar)
+        (jars / jar.name).symlink_to(jar)
     command = ["-m", "laion_spark", "extract", "--lake", f"s3a://{BUCKET}/lake", "--input", f"s3a://{BUCKET}/x"]
 
     result = run_python([*command, "--set", "spark.object_stores=[s3]"], timeout=120, LAION_SPARK_JARS_DIR=str(jars))
@@ -336,11 +368,6 @@ def test_uncached_connector_is_a_one_line_error_before_spark_starts(tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.main does not call check_object_store(config.spark, uris) before the stage yet (and "
-    "explain_storage_error(exc, uris) on failure): remove this mark once it does",
-)
 def test_extract_without_the_connector_is_a_one_line_error():
     settings = [arg for item in small_session_settings() for arg in ("--set", item)]
     lake, pattern = f"s3a://{BUCKET}/lake", f"s3a://{BUCKET}/crawl/*.wat.gz"

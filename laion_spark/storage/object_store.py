@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from laion_spark.config import ConfigError, SparkConfig
-from laion_spark.jars import CONNECTOR_ARTIFACTS, cached_connector_jars, connector_dir
+from laion_spark.jars import CONNECTOR_ARTIFACTS, HADOOP_VERSION, cached_connector_jars, connector_dir
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ OBJECT_STORES = (
         ),
         ("hadoop-azure-",),
         None,
-        "add org.apache.hadoop:hadoop-azure:3.4.1 to spark.conf.spark.jars.packages (Databricks and HDInsight "
-        "have it built in)",
+        f"add org.apache.hadoop:hadoop-azure:{HADOOP_VERSION} to spark.conf.spark.jars.packages (Databricks and "
+        "HDInsight have it built in)",
     ),
 )
 
@@ -111,9 +111,10 @@ def connector_jars_and_settings(names: Iterable[str]) -> tuple[list[Path], dict[
     settings: dict[str, str] = {}
     for name in dict.fromkeys(names):
         if name not in CONNECTOR_ARTIFACTS:
+            known = ", ".join(sorted(CONNECTOR_ARTIFACTS))
             raise ConfigError(
-                f"spark.object_stores: unknown object store '{name}' (known: {', '.join(sorted(CONNECTOR_ARTIFACTS))}); "
-                "for another store put its connector jars in spark.conf.spark.jars"
+                f"spark.object_stores: unknown object store '{name}' (known: {known}); for another store put its "
+                "connector jars in spark.conf.spark.jars"
             )
         cached = cached_connector_jars(name)
         if not cached:
