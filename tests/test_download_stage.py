@@ -222,3 +222,25 @@ def test_a_failing_cleanup_never_hides_the_real_error(spark, lake: str, monkeypa
             run_download(spark, config, lake, run_id="cleanup")
     finally:
         server.shutdown()
+
+
+def test_a_url_shared_by_many_uids_is_fetched_once_wherever_its_rows_are(spark) -> None:
+    """The rows of one URL far apart in a task (its first fetch long finished when the next row comes) still make
+    one request: the task sorts its rows by URL, and a result that finishes before the URL's last row is reused."""
+    from laion_spark.download import FetchSettings, ImageSettings, fetch_images
+
+    hostile = start_hostile_server("http://127.0.0.1:9/")
+    try:
+        hostile.files["/shared.jpg"] = (make_image("JPEG"), "image/jpeg")
+        base = hostile.base_url
+        others = [(f"other-{i}", f"{base}/img/red-circle-gray-{i}.jpg") for i in range(24)]
+        rows = [("shared-0", base + "/shared.jpg"), *others[:12], ("shared-1", base + "/shared.jpg"), *others[12:]]
+        rows.append(("shared-2", base + "/shared.jpg"))
+        config = quick_download_config(threads=2, allowed_hosts=[f"127.0.0.1:{hostile.server_port}"])
+        frame = spark.createDataFrame(rows, "uid string, url string").coalesce(1)
+        fetched = fetch_images(frame, FetchSettings.from_config(config), ImageSettings.from_config(config))
+        statuses = {row.uid: row.status for row in fetched.select("uid", "status").collect()}
+    finally:
+        hostile.shutdown()
+    assert set(statuses.values()) == {status.SUCCESS} and len(statuses) == len(rows)
+    assert hostile.hits["/shared.jpg"] == 1

@@ -68,7 +68,8 @@ def fetch_images(to_fetch: DataFrame, fetch_settings: FetchSettings, image_setti
     def fetch_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         yield from _fetch_partition(batches, fetch_settings, image_settings)
 
-    return to_fetch.select("uid", "url").mapInPandas(fetch_partition, IMAGES_SCHEMA)
+    # Sorted, each task sees the rows of one URL together, so it fetches every URL once (see _fetch_partition).
+    return to_fetch.select("uid", "url").sortWithinPartitions("url").mapInPandas(fetch_partition, IMAGES_SCHEMA)
 
 
 def images_from_archive(
@@ -170,11 +171,24 @@ def _fetch_partition(
 ) -> Iterator[pd.DataFrame]:
     fetcher = worker_fetcher(fetch_settings)
     uids_by_url: dict[str, list[str]] = {}
+    # Rows come sorted by URL: once the feeder has moved past a URL, no later row has it. A URL's result that
+    # arrives while the feeder is still on that URL is kept until it moves on, for the URL's rows still to come;
+    # they become rows here instead of a second request to the same server.
+    current_url: list[str | None] = [None]
+    finished: dict[str, tuple[FetchResult, ProcessedImage | None]] = {}
+    late_rows: list[dict] = []
 
     def new_urls() -> Iterator[str]:
-        # Pulled lazily by the pool's feeder, in this thread: the dict needs no lock.
+        # Pulled lazily by the pool's feeder, in this thread: the dicts need no lock.
         for batch in batches:
             for uid, url in zip(batch["uid"], batch["url"], strict=True):
+                if url != current_url[0]:
+                    finished.pop(current_url[0], None)
+                    current_url[0] = url
+                done = finished.get(url)
+                if done is not None:
+                    late_rows.append(_image_row(uid, *done))
+                    continue
                 waiting = uids_by_url.get(url)
                 if waiting is not None:
                     waiting.append(uid)
@@ -192,9 +206,14 @@ def _fetch_partition(
     for fetched, checked in fetcher.map_unordered(fetch_and_check, new_urls()):
         for uid in uids_by_url.pop(fetched.url):
             rows.append(_image_row(uid, fetched, checked))
+        if fetched.url == current_url[0]:
+            finished[fetched.url] = (fetched, checked)
+        rows.extend(late_rows)
+        late_rows.clear()
         if len(rows) >= ROWS_PER_BATCH:
             yield _frame(rows)
             rows = []
+    rows.extend(late_rows)
     if rows:
         yield _frame(rows)
 
