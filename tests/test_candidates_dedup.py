@@ -135,3 +135,15 @@ def test_a_stored_row_that_kept_an_older_uid_is_not_replaced_by_its_own_capture(
     stored = spark.createDataFrame([("zz-first-uid", *capture[1:])], PAIRS_SCHEMA).transform(add_dedup_key)
     batch = spark.createDataFrame([capture], PAIRS_SCHEMA).transform(add_dedup_key)
     assert batch.transform(keep_new_or_earlier, stored).count() == 0
+
+
+def test_a_hot_key_is_aggregated_before_the_shuffle_not_windowed(spark):
+    """One URL + alt on a million pages must not land on one task: the survivor is a partial aggregation."""
+    rows = [row(f"u{i}", "https://cdn.example.org/logo.png", "Example Corp logo banner", f"f{i % 3}", i, 1 + i % 5)
+            for i in range(200)]  # fmt: skip
+    frame = spark.createDataFrame(rows, PAIRS_SCHEMA).transform(add_dedup_key)
+    kept = frame.transform(keep_first_per_key)
+    plan = kept._jdf.queryExecution().executedPlan().toString()  # the classic test session
+    assert "Window" not in plan and "partial_min_by" in plan
+    (survivor,) = kept.collect()
+    assert (survivor.crawl_date.day, survivor.source_file, survivor.record_offset) == (1, "f0", 0)

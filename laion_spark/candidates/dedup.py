@@ -14,7 +14,7 @@ same row whatever the partitioning.
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType, TimestampType
 
@@ -140,9 +140,16 @@ def _capture_order_sql(prefix: str) -> list[str]:
 
 
 def keep_first_per_key(df: DataFrame) -> DataFrame:
-    """Exact dedup within the frame: one row per ``dedup_key``, the first in :func:`survivor_order`."""
-    window = Window.partitionBy(DEDUP_KEY).orderBy(*survivor_order())
-    return df.withColumn("_row", F.row_number().over(window)).where(F.col("_row") == 1).drop("_row")
+    """Exact dedup within the frame: one row per ``dedup_key``, the first in :func:`survivor_order`.
+
+    A ``min_by`` aggregation, not a window: Spark aggregates each task's rows of a key before the shuffle, so a
+    key repeated millions of times (a site's logo with the same alt on every page) costs one row per task, where a
+    window would send all of them to one task.
+    """
+    order = F.struct(*[key.alias(f"k{i}") for i, key in enumerate(survivor_order())])
+    others = [name for name in df.columns if name != DEDUP_KEY]
+    first = df.groupBy(DEDUP_KEY).agg(F.min_by(F.struct(*others), order).alias("_first"))
+    return first.select(DEDUP_KEY, "_first.*").select(*df.columns)
 
 
 def keep_new_or_earlier(batch: DataFrame, existing: DataFrame) -> DataFrame:
