@@ -23,7 +23,6 @@ from laion_spark.config import ClipConfig, ConfigError
 log = logging.getLogger(__name__)
 
 
-
 class ModelLoadError(ConfigError):
     """The configured CLIP model (or NSFW detector) cannot be loaded; the message names the model and the path."""
 
