@@ -61,6 +61,32 @@ def _positive_hours(text: str) -> float:
     return hours
 
 
+OPTIMIZE_EXIT_CODES = """
+exit status:
+  0  every table was done (one line each on stdout)
+  1  a table failed, or a run took the lake over meanwhile
+  2  a usage error: an unknown table, a retention Delta would refuse, a lake with no table
+  3  a run holds the lake: no table was touched (the message names it and since when)
+"""
+
+
+def _table_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: name tables separated by commas, e.g. pairs,candidates")
+    return names
+
+
+def _hours_or_zero(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if not hours >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more hours, e.g. 168")
+    return hours
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="laion-spark",
@@ -169,6 +195,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run_pipeline)
 
+    optimize = stages.add_parser(
+        "optimize",
+        help="lake upkeep: OPTIMIZE (compact, ZORDER) every table; with --vacuum, delete files no version needs",
+        description="Compact every Delta table of the lake into few large files (OPTIMIZE, Z-ordered by the columns\n"
+        "the later stages filter or join on), and with --vacuum delete the files that no version younger than\n"
+        "--retain-hours reads (VACUUM): those OPTIMIZE replaced, rows MERGE rewrote, the emptied staging tables.\n"
+        "Prints one line per table: files and size before -> after, what OPTIMIZE rewrote and VACUUM deleted. A\n"
+        "second run rewrites nothing. Holds the lake's run lock, as `run` does, so it never overlaps a run.",
+        epilog=OPTIMIZE_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(optimize)
+    optimize.add_argument(
+        "--tables",
+        type=_table_list,
+        metavar="TABLE[,TABLE...]",
+        help="only these tables (default: every table in the lake, the staging tables and the run lock included)",
+    )
+    optimize.add_argument(
+        "--vacuum", action="store_true", help="also VACUUM: delete the files no version of the retention window reads"
+    )
+    optimize.add_argument(
+        "--retain-hours",
+        type=_hours_or_zero,
+        metavar="HOURS",
+        help="VACUUM keeps the files of the versions this recent, so time travel to them still works (default: "
+        "168, Delta's own). Under 168 only where the session sets "
+        "spark.databricks.delta.retentionDurationCheck.enabled=false (laion-spark's local sessions do)",
+    )
+    optimize.add_argument(
+        "--set-auto-optimize",
+        action="store_true",
+        help="also set delta.autoOptimize.optimizeWrite and .autoCompact on the data tables (Databricks; "
+        "open-source Delta 3.1+)",
+    )
+    optimize.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take the lake at once even if a run holds it: only when that run is known to be dead",
+    )
+    optimize.set_defaults(handler=_run_optimize)
+
     funnel = stages.add_parser("funnel", help="print rows in and out of every stage's steps (latest run of each)")
     _add_common(funnel)
     funnel.set_defaults(handler=_run_funnel)
@@ -223,6 +291,33 @@ def _run_pipeline(args: argparse.Namespace, config: Config) -> int:
         print(f"laion-spark run: {result.failure}", file=sys.stderr)
         return 2 if isinstance(result.error, (ConfigError, FileNotFoundError)) else 1
     print(f"\n== funnel (run {result.run_id}) ==\n{result.funnel}", flush=True)
+    return 0
+
+
+def _run_optimize(args: argparse.Namespace, config: Config) -> int:
+    from laion_spark.run import LakeLocked, LockLost
+    from laion_spark.storage import MaintenanceError, optimize_lake
+
+    try:
+        optimize_lake(
+            _spark(config),
+            args.lake,
+            tables=args.tables,
+            vacuum=args.vacuum,
+            retain_hours=args.retain_hours,
+            set_auto_optimize=args.set_auto_optimize,
+            break_lock=args.break_lock,
+            progress=lambda line: print(line, flush=True),
+        )
+    except LakeLocked as exc:
+        print(f"laion-spark optimize: {exc}", file=sys.stderr)
+        return EXIT_LAKE_HELD
+    except MaintenanceError as exc:
+        print(f"laion-spark optimize: {exc}", file=sys.stderr)
+        return 2
+    except LockLost as exc:
+        print(f"laion-spark optimize: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -119,6 +119,9 @@ class CandidatesConfig:
     rules: RulesConfig = field(default_factory=RulesConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
+    # Read only the pairs added since the last run (the change data feed of pairs, from a bookmark in the lake).
+    # false reads all of pairs, e.g. once after loosening a rule, so that the pairs it dropped are read again.
+    incremental: bool = True
 
 
 @dataclass

@@ -139,6 +139,23 @@ RUN_LOCK_SCHEMA = _schema(
     ("heartbeat_at", TimestampType(), True),  # a run whose heartbeat is older than the lease is taken over
 )
 
+# Not a table of the data flow either: how far each consuming stage has read the table it reads, so that a run reads
+# only the commits made since the last one (laion_spark/candidates/stage.py reads pairs this way). One row per
+# (consumer, source); deleting a row makes that consumer's next run read its source whole.
+BOOKMARKS = "_bookmarks"
+BOOKMARKS_SCHEMA = _schema(
+    ("consumer", StringType(), False),  # the stage that reads: candidates
+    ("source", StringType(), False),  # the table it reads: pairs
+    ("source_id", StringType(), False),  # the Delta table id of source (DESCRIBE DETAIL): a recreated table reads whole
+    ("version", LongType(), False),  # every commit of source up to this version has been read
+    ("run_id", StringType(), False),
+    ("updated_at", TimestampType(), False),
+)
+
+# Delta table properties a table is created with (storage.ensure_table). pairs records its change data feed, from
+# which candidates reads the pairs inserted since its bookmark.
+TABLE_PROPERTIES: dict[str, dict[str, str]] = {PAIRS: {"delta.enableChangeDataFeed": "true"}}
+
 SCHEMAS: dict[str, StructType] = {
     PAIRS: PAIRS_SCHEMA,
     INGEST_LOG: INGEST_LOG_SCHEMA,

@@ -127,7 +127,8 @@ def test_a_replaced_candidate_keeps_its_uid_and_takes_the_earlier_capture(scenar
 def test_rerun_without_new_pairs_adds_nothing_and_keeps_the_same_survivors(scenario):
     assert scenario["tables"]["after_rerun"] == scenario["tables"]["after_second"]
     rerun = steps(scenario["runs"]["rerun"])
-    assert rerun["dedup_against_lake"] == (3, 0)
+    # Incremental: no pair was added since the last run, so the rerun reads none and writes none.
+    assert rerun["dedup_against_lake"] == (0, 0)
     assert rerun["detect_language"] == (0, 0)
 
 

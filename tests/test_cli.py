@@ -9,7 +9,7 @@ import pytest
 
 from laion_spark.cli import build_parser, main
 
-STAGES = ["extract", "candidates", "download", "score", "funnel"]
+STAGES = ["extract", "candidates", "download", "score", "run", "funnel", "optimize"]
 
 
 def test_top_level_help_lists_every_stage(capsys):

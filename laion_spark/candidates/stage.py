@@ -1,10 +1,26 @@
-"""The ``candidates`` stage: pairs -> rules -> dedup within the batch -> dedup against the lake -> language.
+"""The ``candidates`` stage: new pairs -> rules -> dedup within the batch -> dedup against the lake -> language.
 
-Incremental by construction: every run reads ``pairs``, keeps one row per key, and MERGEs into ``candidates``
-only the keys the lake has not seen, plus the keys for which this batch holds an earlier survivor than the
-one stored (an older crawl ingested later). Several runs over overlapping inputs therefore leave the table
-holding the same captures as one run over all of them would, and a rerun with no new pairs writes no row.
-Language detection, the expensive step, runs only on the rows that are written.
+Incremental in what it reads: a run reads only the pairs inserted since the last run, from the change data feed
+of ``pairs`` (on from the table's creation, or switched on by the first run of a lake made before), between the
+version in its bookmark (the lake's ``_bookmarks`` table, row ``candidates``/``pairs``) and the version current
+when the run starts. So the cost of a run follows the pairs that are new, not the size of ``pairs``: the
+rules, the count of distinct keys and the dedup within the batch run over the new rows only. With no bookmark
+(a first run, a bookmark deleted, ``pairs`` dropped and created again) or ``candidates.incremental: false``, a
+run reads all of ``pairs`` at that version instead; so it does when the feed is gone for part of the range
+(switched off, vacuumed, its log cleaned up), which Delta may say only once a job reads it.
+
+Incremental in what it writes: the batch keeps one row per key, and MERGEs into ``candidates`` only the keys
+the lake has not seen, plus the keys for which this batch holds an earlier survivor than the one stored (an
+older crawl ingested later). The dedup against the lake still joins all of ``candidates``, the table it must be
+unique over. Several runs over overlapping inputs therefore leave the table holding the same captures as one
+run over all of them would, and a run with no new pairs reads no row and writes none. Language detection, the
+expensive step, runs only on the rows that are written.
+
+The bookmark moves after the MERGE has committed: a run that stops between the two makes the next run read the
+same pairs again, and their MERGE changes nothing. A file extracted again (``replaceWhere``: its rows deleted and
+inserted) comes back as new pairs in the same way, and is as harmless. The feed is not netted: a pair inserted
+and deleted between two runs is read, as it would have been by a run between the two commits (``candidates``
+keeps what it stored either way).
 
 ``candidates.uid`` is the uid of the first survivor stored for its key, and stays so. When an earlier capture
 replaces the stored row, every other column moves to it: its url and text (equal to the stored ones up to
@@ -14,8 +30,9 @@ because ``images`` and ``embeddings`` are keyed by it: a new uid would orphan th
 the URL again. So a replaced row's uid is not the sha1 of its own url and text, and one run over all inputs
 may store another uid for a key than several runs did; the capture stored is the same either way.
 
-Spark jobs per run: one aggregation over ``pairs`` (rows in, every rule's ``dropped_<rule>`` and the distinct
-keys, all at once, through the shared :meth:`StageCounter.count_drops`), then the MERGE. The rows written come from the MERGE's own Delta metrics (``DESCRIBE HISTORY``), not from a recount.
+Spark jobs per run: one aggregation over the new pairs (rows in, every rule's ``dropped_<rule>`` and the
+distinct keys, all at once, through the shared :func:`count_drops`), then, when there is a key to write, the
+MERGE. The rows written come from the MERGE's own Delta metrics (``DESCRIBE HISTORY``), not from a recount.
 """
 
 from __future__ import annotations
@@ -46,7 +63,9 @@ from laion_spark.candidates.rules import (
 )
 from laion_spark.config import CandidatesConfig, Config
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, PAIRS
-from laion_spark.storage import StageCounter, ensure_table, merge, new_run_id, read_table
+from laion_spark.storage import StageCounter, count_drops, ensure_table, merge, new_run_id, read_table
+from laion_spark.storage.delta import NewRows, consume_new_rows, read_new_rows, write_bookmark
+from laion_spark.storage.stats import DropCounts
 
 log = logging.getLogger(__name__)
 
@@ -72,30 +91,49 @@ def build_candidates(pairs: DataFrame, existing: DataFrame, config: CandidatesCo
 
 
 def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str | None = None) -> StageCounter:
-    """Read ``pairs``, write the new candidates, record every step's rows in and out in ``stage_stats``."""
+    """Read the pairs added since the last run, write the new candidates, record every step's rows in and out in
+    ``stage_stats`` (the first step's rows in: the pairs read)."""
     settings = config.candidates
     _validate(settings)
     counter = StageCounter(run_id or new_run_id(), STAGE)
-    pairs = read_table(spark, lake, PAIRS)
-
-    # One aggregation: rows in, every rule's drops (the funnel's first steps) and the distinct keys of the rest.
-    marked = mark_rule_failures(pairs, settings.rules)
-    survivor_key = F.when(F.col(DROPPED_BY).isNull(), dedup_key(F.col("url"), text_key_of(marked), settings.dedup.mode))
-    rule_names = [rule.name for rule in active_rules(settings.rules)]
-    counts = counter.count_drops(marked, DROPPED_BY, rule_names, batch_keys=F.count_distinct(survivor_key))
+    new, counts = _read_new_pairs(spark, lake, settings)
+    counter.add_drops(counts.rows_in, counts.dropped)
     batch_keys = counts.extra["batch_keys"]
     counter.add("dedup_within_batch", counts.rows_out, batch_keys)
 
     ensure_table(spark, lake, CANDIDATES, CANDIDATES_SCHEMA)
-    existing = read_table(spark, lake, CANDIDATES)
-    inserted, replaced = _merge_candidates(build_candidates(pairs, existing, settings), lake)
+    inserted = replaced = 0
+    if batch_keys:  # with no key, neither the join with candidates nor the MERGE has anything to do
+        existing = read_table(spark, lake, CANDIDATES)
+        inserted, replaced = _merge_candidates(build_candidates(new.rows, existing, settings), lake)
     written = inserted + replaced
     counter.add("dedup_against_lake", batch_keys, written)
     counter.add("detect_language", written, written)
+    if new.moves_bookmark:  # only once the MERGE has committed (see the module docstring)
+        write_bookmark(spark, lake, new.bookmark, counter.run_id)
     log.info("candidates: %d new keys, %d earlier survivors replaced later ones", inserted, replaced)
 
     counter.write(spark, lake)
     return counter
+
+
+def _read_new_pairs(spark: SparkSession, lake: str, settings: CandidatesConfig) -> tuple[NewRows, DropCounts]:
+    """The pairs this run reads, and their counts: rows in, every rule's drops and the distinct keys of the rest,
+    in one aggregation (all of ``pairs`` when its change feed turns out to be gone as this job reads it)."""
+    new = read_new_rows(spark, lake, STAGE, PAIRS, whole=not settings.incremental)
+    new, counts = consume_new_rows(spark, lake, new, lambda pairs: _count_rules_and_keys(pairs, settings))
+    if new.is_whole_table:
+        log.info("candidates: read all of pairs at version %d", new.bookmark.version)
+    else:
+        log.info("candidates: read the pairs of versions %d to %d", new.since.version + 1, new.bookmark.version)
+    return new, counts
+
+
+def _count_rules_and_keys(pairs: DataFrame, settings: CandidatesConfig) -> DropCounts:
+    marked = mark_rule_failures(pairs, settings.rules)
+    survivor_key = F.when(F.col(DROPPED_BY).isNull(), dedup_key(F.col("url"), text_key_of(marked), settings.dedup.mode))
+    rule_names = [rule.name for rule in active_rules(settings.rules)]
+    return count_drops(marked, DROPPED_BY, rule_names, batch_keys=F.count_distinct(survivor_key))
 
 
 def _validate(config: CandidatesConfig) -> None:

@@ -18,20 +18,30 @@ from laion_spark.storage.delta import (
     table_ref,
     upsert,
 )
+from laion_spark.storage.maintenance import (
+    MaintenanceError,
+    TableMaintenance,
+    lake_tables,
+    optimize_lake,
+)
 from laion_spark.storage.stats import StageCounter, count_drops, new_run_id, read_funnel, record_step
 
 __all__ = [
+    "MaintenanceError",
     "MergeCounts",
     "StageCounter",
+    "TableMaintenance",
     "append",
     "count_drops",
     "ensure_table",
     "is_catalog_lake",
+    "lake_tables",
     "latest_commit",
     "latest_version",
     "merge",
     "merge_insert_new",
     "new_run_id",
+    "optimize_lake",
     "overwrite",
     "read_funnel",
     "read_table",

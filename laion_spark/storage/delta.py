@@ -10,25 +10,45 @@ HISTORY``, ``CREATE TABLE``), never the ``DeltaTable`` Python API, which needs D
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from laion_spark.schemas import SCHEMAS
+from laion_spark.schemas import BOOKMARKS, BOOKMARKS_SCHEMA, SCHEMAS, TABLE_PROPERTIES
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # catalog.schema (two parts) or schema (one part qualified by the session's current catalog is not accepted: a
 # bare word is far more likely a relative directory).
 _CATALOG_LAKE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
 STAGING_PREFIX = "_staging_"
+CHANGE_DATA_FEED = "delta.enableChangeDataFeed"
+# The columns a change data feed read adds, and the change types that leave a row in the table.
+_CHANGE_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
+_ROW_KEPT = ("insert", "update_postimage")
+# What Delta says when a change data feed cannot be read over a range of versions: the feed was off for one of
+# them, its files were vacuumed, or the log of those versions was cleaned up. A full read is the way out of each.
+_CHANGE_FEED_GONE = (
+    "DELTA_MISSING_CHANGE_DATA",
+    "DELTA_CHANGE_DATA_FILE_NOT_FOUND",
+    "FAILED_READ_FILE.FILE_NOT_EXIST",
+    "FileNotFoundException",
+    "DELTA_TRUNCATED_TRANSACTION_LOG",
+    "DELTA_VERSIONS_NOT_CONTIGUOUS",
+    "DELTA_FILE_NOT_FOUND",
+    "DeltaFileNotFoundException",
+)
 
 
 def is_catalog_lake(lake: str) -> bool:
@@ -67,18 +87,61 @@ def table_exists(spark: SparkSession, lake: str, name: str) -> bool:
     return True
 
 
-def ensure_table(spark: SparkSession, lake: str, name: str, schema: StructType | None = None) -> None:
-    """Create the table empty with its declared schema (NOT NULL columns stay NOT NULL in Delta)."""
+def ensure_table(
+    spark: SparkSession,
+    lake: str,
+    name: str,
+    schema: StructType | None = None,
+    properties: Mapping[str, str] | None = None,
+) -> None:
+    """Create the table empty with its declared schema (NOT NULL columns stay NOT NULL in Delta) and Delta
+    ``properties`` (by default the table's own in ``schemas.TABLE_PROPERTIES``: ``pairs`` records its change data
+    feed). An existing table is left as it is."""
     if table_exists(spark, lake, name):
         return
     schema = schema or SCHEMAS[name]
+    properties = TABLE_PROPERTIES.get(name, {}) if properties is None else properties
     if is_catalog_lake(lake):
         spark.sql(f"CREATE SCHEMA IF NOT EXISTS {lake}")
     columns = ", ".join(
         f"`{field.name}` {field.dataType.simpleString()}{'' if field.nullable else ' NOT NULL'}"
         for field in schema.fields
     )
-    spark.sql(f"CREATE TABLE IF NOT EXISTS {table_ref(lake, name)} ({columns}) USING DELTA")
+    tblproperties = f" TBLPROPERTIES ({_sql_properties(properties)})" if properties else ""
+    spark.sql(f"CREATE TABLE IF NOT EXISTS {table_ref(lake, name)} ({columns}) USING DELTA{tblproperties}")
+
+
+@dataclass(frozen=True)
+class TableDetail:
+    """What ``DESCRIBE DETAIL`` says of a Delta table that this package uses."""
+
+    id: str  # Delta's table id: a table dropped and created again at the same place gets a new one
+    properties: dict[str, str]
+
+
+def table_detail(spark: SparkSession, lake: str, name: str) -> TableDetail:
+    detail = spark.sql(f"DESCRIBE DETAIL {table_ref(lake, name)}").select("id", "properties").first()
+    return TableDetail(str(detail["id"]), dict(detail["properties"] or {}))
+
+
+def set_table_properties(spark: SparkSession, lake: str, name: str, properties: Mapping[str, str]) -> bool:
+    """Give the table the Delta ``properties`` it lacks (one ``ALTER TABLE ... SET TBLPROPERTIES`` commit, and
+    none when it has them all). True when it changed. A change of properties is a metadata commit, which fails a
+    concurrent write to the table: set them where no writer runs, or at creation (``ensure_table``)."""
+    current = table_detail(spark, lake, name).properties
+    missing = {key: value for key, value in properties.items() if current.get(key) != value}
+    if not missing:
+        return False
+    spark.sql(f"ALTER TABLE {table_ref(lake, name)} SET TBLPROPERTIES ({_sql_properties(missing)})")
+    return True
+
+
+def _sql_properties(properties: Mapping[str, str]) -> str:
+    return ", ".join(f"{_sql_string(key)} = {_sql_string(value)}" for key, value in properties.items())
+
+
+def _sql_string(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def read_table(spark: SparkSession, lake: str, name: str, missing_ok: bool = False) -> DataFrame:
@@ -91,6 +154,154 @@ def read_table(spark: SparkSession, lake: str, name: str, missing_ok: bool = Fal
     if is_catalog_lake(lake):
         return spark.table(f"{lake}.{name}")
     return spark.read.format("delta").load(table_path(lake, name))
+
+
+def read_table_version(spark: SparkSession, lake: str, name: str, version: int) -> DataFrame:
+    """The table as it was at ``version`` (Delta time travel): a read that later commits do not change."""
+    return spark.sql(f"SELECT * FROM {table_ref(lake, name)} VERSION AS OF {int(version)}")
+
+
+def read_inserted_rows(spark: SparkSession, lake: str, name: str, after: int, up_to: int) -> DataFrame:
+    """The rows that the commits ``after + 1`` to ``up_to`` (both included) inserted into the table, read from its
+    change data feed: the files of those commits only, whatever the table's size. Rows updated count with their new
+    values; deletes are left out, and so are the feed's own columns. A row that one commit of the range inserted
+    and a later one deleted is still there (the feed is not netted).
+
+    Delta refuses the read, often only when a job runs, where the feed is missing for part of the range
+    (see :func:`change_feed_unreadable`)."""
+    if up_to <= after:  # Delta refuses an empty range; the table's schema with no row is the same answer
+        return spark.createDataFrame([], read_table(spark, lake, name).schema)
+    reader = (
+        spark.read.format("delta")
+        .option("readChangeFeed", "true")
+        .option("startingVersion", str(int(after) + 1))
+        .option("endingVersion", str(int(up_to)))
+    )
+    changes = reader.table(f"{lake}.{name}") if is_catalog_lake(lake) else reader.load(table_path(lake, name))
+    return changes.where(F.col("_change_type").isin(*_ROW_KEPT)).drop(*_CHANGE_COLUMNS)
+
+
+def change_feed_unreadable(error: BaseException) -> bool:
+    """Whether ``error`` (from building or running a read of :func:`read_inserted_rows`) says that the change data
+    feed is gone for part of the range: off for one of its versions, vacuumed, or its log cleaned up. Then only a
+    read of the whole table sees every row. The test is on the message, which names Delta's error class whether
+    it comes through Py4J, as a PySpark exception or over Spark Connect."""
+    text = str(error)
+    return any(marker in text for marker in _CHANGE_FEED_GONE)
+
+
+@dataclass(frozen=True)
+class Bookmark:
+    """How far ``consumer`` (a stage) has read ``source`` (a table): every commit up to ``version`` of the Delta
+    table whose id is ``source_id``."""
+
+    consumer: str
+    source: str
+    source_id: str
+    version: int
+
+
+def read_bookmark(spark: SparkSession, lake: str, consumer: str, source: str) -> Bookmark | None:
+    """The bookmark of ``consumer`` on ``source`` in the lake's ``_bookmarks`` table, or None when it has none."""
+    if not table_exists(spark, lake, BOOKMARKS):
+        return None
+    bookmarks = read_table(spark, lake, BOOKMARKS)
+    row = bookmarks.where((F.col("consumer") == consumer) & (F.col("source") == source)).first()
+    return None if row is None else Bookmark(row.consumer, row.source, row.source_id, int(row.version))
+
+
+def write_bookmark(spark: SparkSession, lake: str, bookmark: Bookmark, run_id: str) -> None:
+    """MERGE ``bookmark`` into ``_bookmarks``. A bookmark only moves forward on one table: a run that read less
+    and commits later (two runs at once) leaves the further one, and the next run reads the rest again."""
+    ensure_table(spark, lake, BOOKMARKS, BOOKMARKS_SCHEMA)
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    row = (bookmark.consumer, bookmark.source, bookmark.source_id, int(bookmark.version), run_id, now)
+    further = "source.source_id <> target.source_id OR source.version > target.version"
+    merge(
+        spark.createDataFrame([row], BOOKMARKS_SCHEMA),
+        lake,
+        BOOKMARKS,
+        ["consumer", "source"],
+        update="*",
+        update_condition=further,
+    )
+
+
+@dataclass(frozen=True)
+class NewRows:
+    """What :func:`read_new_rows` read: the ``rows``, the ``bookmark`` to write once they are consumed, and the
+    bookmark they were read from (``since``; None when ``rows`` is the whole table)."""
+
+    rows: DataFrame
+    bookmark: Bookmark
+    since: Bookmark | None
+
+    @property
+    def is_whole_table(self) -> bool:
+        return self.since is None
+
+    @property
+    def moves_bookmark(self) -> bool:
+        return self.bookmark != self.since
+
+
+def read_new_rows(spark: SparkSession, lake: str, consumer: str, source: str, whole: bool = False) -> NewRows:
+    """The rows of ``source`` that ``consumer`` has not read yet: those inserted since its bookmark, from the
+    table's change data feed, up to the version current now; the whole table at that version when there is no
+    bookmark (a first run), when the table is another one than the bookmark's (dropped and created again), when
+    the feed is gone for part of the range, or when ``whole``. The change data feed of ``source`` is switched on
+    first where it is off (one commit, once).
+
+    Delta may find the feed gone only once a job reads it (its files vacuumed): run the job through
+    :func:`consume_new_rows`, which then runs it over the whole table."""
+    if not table_exists(spark, lake, source):
+        read_table(spark, lake, source)  # raises the one-sentence error of a missing table
+    detail = table_detail(spark, lake, source)
+    if detail.properties.get(CHANGE_DATA_FEED) != "true":
+        set_table_properties(spark, lake, source, {CHANGE_DATA_FEED: "true"})
+    version = latest_version(spark, lake, source)
+    bookmark = Bookmark(consumer, source, detail.id, 0 if version is None else version)
+    since = None if whole else read_bookmark(spark, lake, consumer, source)
+    if since is None or since.source_id != detail.id or since.version > bookmark.version:
+        return read_whole_table(spark, lake, bookmark)
+    try:
+        rows = read_inserted_rows(spark, lake, source, since.version, bookmark.version)
+    except Exception as error:
+        if not change_feed_unreadable(error):
+            raise
+        _log_change_feed_gone(since, error)
+        return read_whole_table(spark, lake, bookmark)
+    return NewRows(rows, bookmark, since)
+
+
+def consume_new_rows(spark: SparkSession, lake: str, new: NewRows, job: Callable[[DataFrame], T]) -> tuple[NewRows, T]:
+    """``job(new.rows)``, and the rows it ran over: the whole table when the change feed turns out to be gone as
+    the job reads it (:func:`change_feed_unreadable`). Run the first job over the rows this way; once it has read
+    them, the rest can read them as they are."""
+    try:
+        return new, job(new.rows)
+    except Exception as error:
+        if new.is_whole_table or not change_feed_unreadable(error):
+            raise
+        _log_change_feed_gone(new.since, error)
+    whole = read_whole_table(spark, lake, new.bookmark)
+    return whole, job(whole.rows)
+
+
+def read_whole_table(spark: SparkSession, lake: str, bookmark: Bookmark) -> NewRows:
+    """Every row of ``bookmark``'s source at its version, to be consumed up to that bookmark."""
+    return NewRows(read_table_version(spark, lake, bookmark.source, bookmark.version), bookmark, None)
+
+
+def _log_change_feed_gone(since: Bookmark, error: BaseException) -> None:
+    lines = str(error).strip().splitlines()
+    log.warning(
+        "%s: reading all of %s: its change data feed after version %d is gone (%s)",
+        since.consumer,
+        since.source,
+        since.version,
+        lines[0] if lines else type(error).__name__,
+    )
 
 
 def _save(df: DataFrame, lake: str, name: str, mode: str, **options: str) -> None:
