@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from archives import HtmlPage, write_warc
 
 from laion_spark.extract import ExtractRules, FileStatus, decode_html, extract_file
+from laion_spark.testing.archives import HtmlPage, write_warc
 
 PAGE = "http://legacy.example/page.html"
 
