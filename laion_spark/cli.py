@@ -51,12 +51,18 @@ def _stage_list(text: str) -> list[str]:
     return names
 
 
-def _positive_hours(text: str) -> float:
+def _hours(text: str, allow_zero: bool) -> float | None:
+    """``text`` as hours, or None when it is not a number in range (NaN included)."""
     try:
         hours = float(text)
     except ValueError:
-        hours = 0.0
-    if not hours > 0:
+        return None
+    return hours if (hours >= 0 if allow_zero else hours > 0) else None
+
+
+def _positive_hours(text: str) -> float:
+    hours = _hours(text, allow_zero=False)
+    if hours is None:
         raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of hours, e.g. 6 or 0.5")
     return hours
 
@@ -78,11 +84,8 @@ def _table_list(text: str) -> list[str]:
 
 
 def _hours_or_zero(text: str) -> float:
-    try:
-        hours = float(text)
-    except ValueError:
-        hours = -1.0
-    if not hours >= 0:
+    hours = _hours(text, allow_zero=True)
+    if hours is None:
         raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more hours, e.g. 168")
     return hours
 

@@ -60,11 +60,6 @@ def existing_files(spark: SparkSession, paths: Sequence[str]) -> dict[str, str]:
     return {given[_file_key(row.path)]: row.path for row in rows if _file_key(row.path) in given}
 
 
-def qualified_file(spark: SparkSession, path: str) -> str | None:
-    """``path`` as Spark's readers name it, or None when no file is there."""
-    return existing_files(spark, [path]).get(path)
-
-
 def local_spelling(path: str) -> str:
     """``file:/a/b`` as ``/a/b``: one name per local file whoever listed it (Python on a classic driver, Spark's
     listing on Spark Connect), so that ``source_file`` and the ingest log agree across both."""

@@ -23,7 +23,14 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import SparkSession
 
 from laion_spark.schemas import CANDIDATES, DATASET, EMBEDDINGS, IMAGES, INGEST_LOG, PAIRS, RUN_LOCK, SCHEMAS
-from laion_spark.storage.delta import STAGING_PREFIX, is_catalog_lake, latest_version, table_exists, table_ref
+from laion_spark.storage.delta import (
+    STAGING_PREFIX,
+    is_catalog_lake,
+    latest_version,
+    set_table_properties,
+    table_exists,
+    table_ref,
+)
 from laion_spark.storage.files import cleanup_afterwards, glob_files
 
 log = logging.getLogger(__name__)
@@ -114,7 +121,6 @@ class _Detail:
     bytes: int
     columns: tuple[str, ...]  # partition and clustering columns
     clustered: bool
-    properties: dict[str, str]
 
 
 def optimize_lake(
@@ -182,7 +188,7 @@ def maintain_table(
         statement = f"OPTIMIZE {ref}" + (f" ZORDER BY ({', '.join(f'`{c}`' for c in zorder)})" if zorder else "")
         metrics = spark.sql(statement).first()["metrics"]
         rewritten, written = int(metrics["numFilesRemoved"] or 0), int(metrics["numFilesAdded"] or 0)
-    auto_optimize_set = set_auto_optimize and _set_properties(spark, ref, before.properties, AUTO_OPTIMIZE)
+    auto_optimize_set = set_auto_optimize and set_table_properties(spark, lake, name, AUTO_OPTIMIZE)
     after = _describe(spark, ref) if rewritten or written else before
     vacuumed_files = vacuumed_bytes = None
     if vacuum:
@@ -266,7 +272,6 @@ def _describe(spark: SparkSession, ref: str) -> _Detail:
         bytes=int(row.get("sizeInBytes") or 0),
         columns=partitions + clustering,
         clustered=bool(clustering),
-        properties=dict(row.get("properties") or {}),
     )
 
 
@@ -300,15 +305,6 @@ def _already_zordered(spark: SparkSession, ref: str, zorder: tuple[str, ...]) ->
             return "nothing written since the last one"
         return None
     return None
-
-
-def _set_properties(spark: SparkSession, ref: str, current: dict[str, str], wanted: dict[str, str]) -> bool:
-    missing = {key: value for key, value in wanted.items() if current.get(key) != value}
-    if not missing:
-        return False  # one metadata commit less: the table already has them
-    pairs = ", ".join(f"'{key}' = '{value}'" for key, value in missing.items())
-    spark.sql(f"ALTER TABLE {ref} SET TBLPROPERTIES ({pairs})")
-    return True
 
 
 def _vacuum(spark: SparkSession, lake: str, name: str, retain_hours: float) -> tuple[int | None, int | None]:
