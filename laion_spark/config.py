@@ -60,6 +60,10 @@ class ExtractConfig:
     # empty means "relative to the manifest's own directory".
     manifest_prefix: str = ""
     rows_per_batch: int = 10000
+    # Input files per slice: each slice is extracted and committed on its own, so a killed run loses at most the
+    # slice in flight and its rerun starts after the last committed one. A Common Crawl WAT (~100 MB) takes a
+    # core ~6 s; 16 files are about a minute of one machine's work.
+    files_per_slice: int = 16
     # Decoding fallback for HTML pages that declare no charset and are not valid UTF-8.
     fallback_encoding: str = "cp1252"
 
@@ -122,6 +126,9 @@ class CandidatesConfig:
     # Read only the pairs added since the last run (the change data feed of pairs, from a bookmark in the lake).
     # false reads all of pairs, e.g. once after loosening a rule, so that the pairs it dropped are read again.
     incremental: bool = True
+    # New pairs per slice: commits of pairs are read in groups of about this many inserted rows (never splitting
+    # a commit), each group MERGEd into candidates and then bookmarked on its own.
+    pairs_per_slice: int = 2_000_000
 
 
 @dataclass
@@ -157,6 +164,9 @@ class DownloadConfig:
     encode_format: str = "jpg"  # jpg | png | webp
     encode_quality: int = 95
     partitions: int = 0  # 0: one per core
+    # URLs per slice: each slice is fetched and appended to images on its own (one commit, a partition of images
+    # named by its fetch_batch), so a killed run refetches at most one slice.
+    urls_per_slice: int = 20_000
 
 
 @dataclass
@@ -182,6 +192,8 @@ class ClipConfig:
     nsfw_detector_path: str = ""
     # Repartition the pairs to score into this many tasks (0 keeps the input's partitioning).
     partitions: int = 0
+    # Images per slice: each slice is scored and appended to embeddings on its own.
+    images_per_slice: int = 4096
     # Diagnostics: when set, every model load in a Python worker leaves a marker file here (<pid>-<n>.json).
     load_log_dir: str = ""
 

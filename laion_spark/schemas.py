@@ -29,7 +29,8 @@ def _schema(*fields: tuple[str, object, bool]) -> StructType:
     return StructType([StructField(name, dtype, nullable) for name, dtype, nullable in fields])
 
 
-PAIRS_SCHEMA = _schema(
+# One pair as extraction emits it; the table adds the slice that wrote it (PAIRS_SCHEMA).
+PAIR_ROW_SCHEMA = _schema(
     ("uid", StringType(), False),  # sha1 of normalised url + "\t" + normalised text
     ("url", StringType(), False),  # absolute http(s) image URL
     ("text", StringType(), False),  # alt text, entities decoded, whitespace collapsed
@@ -42,6 +43,11 @@ PAIRS_SCHEMA = _schema(
     ("source_format", StringType(), False),  # wat | warc | arc
 )
 
+# The extraction slice that wrote the row (<run_id>-<slice>): pairs is partitioned by it, so re-reading a file
+# replaces its rows inside the one partition of the slice that first wrote them (README "Table layout").
+INGEST_BATCH = ("ingest_batch", StringType(), False)
+PAIRS_SCHEMA = _schema(*((f.name, f.dataType, f.nullable) for f in PAIR_ROW_SCHEMA.fields), INGEST_BATCH)
+
 INGEST_LOG_SCHEMA = _schema(
     ("source_file", StringType(), False),
     ("status", StringType(), False),  # ok | partial | failed
@@ -51,6 +57,7 @@ INGEST_LOG_SCHEMA = _schema(
     ("duration_s", DoubleType(), False),
     ("run_id", StringType(), False),
     ("finished_at", TimestampType(), False),
+    INGEST_BATCH,  # the pairs partition holding the file's rows; status "started" until the slice commits
 )
 
 # One row per (run, stage, step): the funnel is drawn from this table.
@@ -78,7 +85,8 @@ CANDIDATES_SCHEMA = _schema(
     ("language_confidence", DoubleType(), False),
 )
 
-IMAGES_SCHEMA = _schema(
+# One image row as the download emits it; the table adds the slice that wrote it (IMAGES_SCHEMA).
+IMAGE_ROW_SCHEMA = _schema(
     ("uid", StringType(), False),
     ("url", StringType(), False),
     # success | failed_to_download | failed_to_decode | too_small | too_large | bad_aspect_ratio |
@@ -95,6 +103,12 @@ IMAGES_SCHEMA = _schema(
     ("image", BinaryType(), True),
     ("attempts", IntegerType(), False),
     ("fetched_at", TimestampType(), False),
+)
+
+# The download slice that wrote the row (<run_id>-<slice>): images is partitioned by it, so score reads the bytes
+# of one slice's partitions at a time, and never scans the whole table for them.
+IMAGES_SCHEMA = _schema(
+    *((f.name, f.dataType, f.nullable) for f in IMAGE_ROW_SCHEMA.fields), ("fetch_batch", StringType(), False)
 )
 
 EMBEDDINGS_SCHEMA = _schema(
@@ -152,9 +166,27 @@ BOOKMARKS_SCHEMA = _schema(
     ("updated_at", TimestampType(), False),
 )
 
-# Delta table properties a table is created with (storage.ensure_table). pairs records its change data feed, from
-# which candidates reads the pairs inserted since its bookmark.
-TABLE_PROPERTIES: dict[str, dict[str, str]] = {PAIRS: {"delta.enableChangeDataFeed": "true"}}
+# Delta table properties a table is created with (storage.ensure_table), and why (README "Table layout"):
+# - pairs records its change data feed, from which candidates reads the pairs inserted since its bookmark;
+# - images and candidates take deletion vectors, so that a MERGE replacing a few rows (--retry-failed, an earlier
+#   survivor) marks them deleted instead of rewriting every data file that holds one, image bytes included;
+# - the small tables written once per slice or run compact their small files as they go, where the runtime
+#   can (Delta 3.1+ and Databricks: auto compaction; other runtimes ignore the property).
+_AUTO_COMPACT = {"delta.autoOptimize.autoCompact": "true"}
+_DELETION_VECTORS = {"delta.enableDeletionVectors": "true"}
+TABLE_PROPERTIES: dict[str, dict[str, str]] = {
+    PAIRS: {"delta.enableChangeDataFeed": "true"},
+    INGEST_LOG: _AUTO_COMPACT,
+    STAGE_STATS: _AUTO_COMPACT,
+    CANDIDATES: _DELETION_VECTORS,
+    IMAGES: _DELETION_VECTORS,
+    EMBEDDINGS: _AUTO_COMPACT,
+    DATASET: {**_DELETION_VECTORS, **_AUTO_COMPACT},
+}
+
+# Partition columns (storage.ensure_table): the slice that wrote each row, for the two tables a later step reads or
+# rewrites one slice at a time.
+PARTITION_COLUMNS: dict[str, list[str]] = {PAIRS: ["ingest_batch"], IMAGES: ["fetch_batch"]}
 
 SCHEMAS: dict[str, StructType] = {
     PAIRS: PAIRS_SCHEMA,

@@ -18,7 +18,7 @@ from laion_spark.candidates import (
     keep_new_or_earlier,
 )
 from laion_spark.extract import text_key
-from laion_spark.schemas import PAIRS_SCHEMA
+from laion_spark.schemas import PAIR_ROW_SCHEMA
 
 # Each group is what a reader sees as one text.
 SAME_TEXT = [
@@ -99,7 +99,7 @@ DUPLICATES = [
 
 
 def test_exactly_one_survivor_per_key_and_the_same_whatever_the_partitioning(spark):
-    pairs = spark.createDataFrame(DUPLICATES, PAIRS_SCHEMA)
+    pairs = spark.createDataFrame(DUPLICATES, PAIR_ROW_SCHEMA)
     survivors = set()
     for partitions in (1, 3):
         shuffled = pairs.repartition(partitions, F.rand(seed=partitions))
@@ -109,19 +109,19 @@ def test_exactly_one_survivor_per_key_and_the_same_whatever_the_partitioning(spa
 
 
 def test_url_only_mode_keys_on_the_url_alone(spark):
-    pairs = spark.createDataFrame(DUPLICATES, PAIRS_SCHEMA)
+    pairs = spark.createDataFrame(DUPLICATES, PAIR_ROW_SCHEMA)
     deduped = pairs.transform(add_dedup_key, "url").transform(keep_first_per_key)
     assert sorted(r.uid for r in deduped.select("uid").collect()) == ["other-text", "unique"]
 
 
 def test_against_the_lake_keeps_new_keys_and_earlier_survivors_only(spark):
-    batch = spark.createDataFrame(DUPLICATES, PAIRS_SCHEMA).transform(add_dedup_key).transform(keep_first_per_key)
+    batch = spark.createDataFrame(DUPLICATES, PAIR_ROW_SCHEMA).transform(add_dedup_key).transform(keep_first_per_key)
     existing = spark.createDataFrame(
         [
             row("stored-later", "https://example.org/cat.jpg", "a black cat", "z.wat.gz", 0, 9),
             row("stored-earlier", "https://example.org/dog.jpg", "A dog", "a.wat.gz", 6, 3),
         ],
-        PAIRS_SCHEMA,
+        PAIR_ROW_SCHEMA,
     ).transform(add_dedup_key)
     kept = batch.transform(keep_new_or_earlier, existing).select("uid", DEDUP_KEY)
     # "winner" (day 2) replaces the stored day-9 row, "other-text" is new, "unique" loses to offset 6 < 7
@@ -132,8 +132,8 @@ def test_a_stored_row_that_kept_an_older_uid_is_not_replaced_by_its_own_capture(
     # After a replacement the stored row holds the earlier capture under the first survivor's uid; that uid
     # sorting after the capture's own must not make a rerun replace the row with itself.
     capture = row("0-own-uid", "https://example.org/cat.jpg", "A black cat", "a.wat.gz", 5, 1)
-    stored = spark.createDataFrame([("zz-first-uid", *capture[1:])], PAIRS_SCHEMA).transform(add_dedup_key)
-    batch = spark.createDataFrame([capture], PAIRS_SCHEMA).transform(add_dedup_key)
+    stored = spark.createDataFrame([("zz-first-uid", *capture[1:])], PAIR_ROW_SCHEMA).transform(add_dedup_key)
+    batch = spark.createDataFrame([capture], PAIR_ROW_SCHEMA).transform(add_dedup_key)
     assert batch.transform(keep_new_or_earlier, stored).count() == 0
 
 
@@ -141,7 +141,7 @@ def test_a_hot_key_is_aggregated_before_the_shuffle_not_windowed(spark):
     """One URL + alt on a million pages must not land on one task: the survivor is a partial aggregation."""
     rows = [row(f"u{i}", "https://cdn.example.org/logo.png", "Example Corp logo banner", f"f{i % 3}", i, 1 + i % 5)
             for i in range(200)]  # fmt: skip
-    frame = spark.createDataFrame(rows, PAIRS_SCHEMA).transform(add_dedup_key)
+    frame = spark.createDataFrame(rows, PAIR_ROW_SCHEMA).transform(add_dedup_key)
     kept = frame.transform(keep_first_per_key)
     plan = kept._jdf.queryExecution().executedPlan().toString()  # the classic test session
     assert "Window" not in plan and "partial_min_by" in plan

@@ -9,7 +9,7 @@ import pytest
 from laion_spark.candidates import DROPPED_BY, apply_rules, count_rule_drops, mark_rule_failures
 from laion_spark.config import ConfigError, RulesConfig
 from laion_spark.extract.text import text_key
-from laion_spark.schemas import PAIRS_SCHEMA
+from laion_spark.schemas import PAIR_ROW_SCHEMA
 
 CRAWL = dt.datetime(2024, 1, 1)
 
@@ -33,7 +33,7 @@ def test_each_rule_drops_its_rows_and_counts_them_in_one_pass(spark):
         pair("junk-word", "https://example.org/k.jpg", "  Placeholder "),
         pair("junk-dsc", "https://example.org/l.jpg", "DSC 0042"),
     ]
-    pairs = spark.createDataFrame(rows, PAIRS_SCHEMA)
+    pairs = spark.createDataFrame(rows, PAIR_ROW_SCHEMA)
     config = RulesConfig()
 
     rows_in, drops = count_rule_drops(pairs, config)
@@ -55,7 +55,7 @@ def test_each_rule_drops_its_rows_and_counts_them_in_one_pass(spark):
 
 
 def test_null_text_is_dropped_by_a_named_rule_not_a_crash(spark):
-    # Notebook frames need not follow PAIRS_SCHEMA's non-null text.
+    # Notebook frames need not follow PAIR_ROW_SCHEMA's non-null text.
     pairs = spark.createDataFrame(
         [("n", "https://example.org/n.jpg", None), ("m", "https://example.org/m.jpg", "Mixed 混合 текст scripts")],
         "uid string, url string, text string",
@@ -70,7 +70,7 @@ def test_image_extension_rule_is_optional_and_ignores_query_and_case(spark):
             pair("ext", "https://example.org/photo.JPG?size=large#top", "A photo of the sea at dawn"),
             pair("no-ext", "https://example.org/image?id=42", "A photo of the sea at dusk"),
         ],
-        PAIRS_SCHEMA,
+        PAIR_ROW_SCHEMA,
     )
     assert dict(count_rule_drops(pairs, RulesConfig())[1]).get("image_extension") is None
     strict = RulesConfig(require_image_extension=True)
@@ -79,6 +79,6 @@ def test_image_extension_rule_is_optional_and_ignores_query_and_case(spark):
 
 
 def test_invalid_junk_pattern_is_a_config_error(spark):
-    pairs = spark.createDataFrame([pair("a", "https://example.org/a.jpg", "A photo")], PAIRS_SCHEMA)
+    pairs = spark.createDataFrame([pair("a", "https://example.org/a.jpg", "A photo")], PAIR_ROW_SCHEMA)
     with pytest.raises(ConfigError, match="junk_text_patterns"):
         mark_rule_failures(pairs, RulesConfig(junk_text_patterns=["(unclosed"]))

@@ -10,7 +10,7 @@ import pytest
 from laion_spark.candidates import run_candidates
 from laion_spark.config import Config
 from laion_spark.extract import text_key
-from laion_spark.schemas import CANDIDATES, PAIRS, PAIRS_SCHEMA, STAGE_STATS
+from laion_spark.schemas import CANDIDATES, PAIR_ROW_SCHEMA, PAIRS, STAGE_STATS
 from laion_spark.storage import append, read_table
 
 
@@ -58,17 +58,17 @@ def scenario(spark, tmp_path_factory):
     """
     config = Config()
     incremental = str(tmp_path_factory.mktemp("incremental"))
-    append(spark.createDataFrame(FILE_A, PAIRS_SCHEMA), incremental, PAIRS)
+    append(spark.createDataFrame(FILE_A, PAIR_ROW_SCHEMA), incremental, PAIRS)
     first = run_candidates(spark, config, incremental, run_id="run-1")
     after_first = candidates_by_key(spark, incremental)
-    append(spark.createDataFrame(FILE_B, PAIRS_SCHEMA), incremental, PAIRS)
+    append(spark.createDataFrame(FILE_B, PAIR_ROW_SCHEMA), incremental, PAIRS)
     second = run_candidates(spark, config, incremental, run_id="run-2")
     after_second = candidates_by_key(spark, incremental)
     rerun = run_candidates(spark, config, incremental, run_id="run-3")
     after_rerun = candidates_by_key(spark, incremental)
 
     once = str(tmp_path_factory.mktemp("once"))
-    append(spark.createDataFrame(FILE_A + FILE_B, PAIRS_SCHEMA), once, PAIRS)
+    append(spark.createDataFrame(FILE_A + FILE_B, PAIR_ROW_SCHEMA), once, PAIRS)
     single = run_candidates(spark, config, once, run_id="once")
     return {
         "runs": {"first": first, "second": second, "rerun": rerun, "single": single},
@@ -177,7 +177,7 @@ def test_texts_that_read_the_same_give_one_candidate(spark, lake):
         pair("city-upper", city, "ISTANBUL at night", "f.wat.gz", 11, 5),
         pair("city-lower", city, "istanbul at night", "f.wat.gz", 12, 5),
     ]
-    append(spark.createDataFrame(rows, PAIRS_SCHEMA), lake, PAIRS)
+    append(spark.createDataFrame(rows, PAIR_ROW_SCHEMA), lake, PAIRS)
     counter = run_candidates(spark, Config(), lake, run_id="folded")
     table = candidates_by_key(spark, lake)
     assert collections.Counter(row["url"] for row in table.values()) == {shirt: 1, sign: 1, street: 1, fish: 1, city: 2}

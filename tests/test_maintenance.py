@@ -10,7 +10,7 @@ import pytest
 
 from laion_spark.cli import main
 from laion_spark.run import RunLock
-from laion_spark.schemas import PAIRS, PAIRS_SCHEMA
+from laion_spark.schemas import PAIR_ROW_SCHEMA, PAIRS
 from laion_spark.storage import MaintenanceError, append, latest_version, optimize_lake, staged, table_ref
 
 COMMITS = 20
@@ -33,7 +33,7 @@ def pairs_frame(spark, commit: int):
         )
         for k in range(3)
     ]
-    return spark.createDataFrame(rows, PAIRS_SCHEMA).coalesce(1)
+    return spark.createDataFrame(rows, PAIR_ROW_SCHEMA).coalesce(1)
 
 
 @pytest.fixture(scope="module")

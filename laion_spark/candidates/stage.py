@@ -38,6 +38,7 @@ MERGE. The rows written come from the MERGE's own Delta metrics (``DESCRIBE HIST
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -61,7 +62,7 @@ from laion_spark.candidates.rules import (
     junk_text_regex,
     mark_rule_failures,
 )
-from laion_spark.config import CandidatesConfig, Config
+from laion_spark.config import CandidatesConfig, Config, ConfigError
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, PAIRS
 from laion_spark.storage import StageCounter, count_drops, ensure_table, merge, new_run_id, read_table
 from laion_spark.storage.delta import NewRows, consume_new_rows, read_new_rows, write_bookmark
@@ -92,35 +93,69 @@ def build_candidates(pairs: DataFrame, existing: DataFrame, config: CandidatesCo
 
 def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str | None = None) -> StageCounter:
     """Read the pairs added since the last run, write the new candidates, record every step's rows in and out in
-    ``stage_stats`` (the first step's rows in: the pairs read)."""
+    ``stage_stats`` (the first step's rows in: the pairs read).
+
+    The new pairs are read in slices of whole commits of ``pairs`` (about ``candidates.pairs_per_slice`` rows
+    each): each slice is MERGEd and then bookmarked before the next is read, so a killed run loses one slice."""
     settings = config.candidates
     _validate(settings)
+    if settings.pairs_per_slice < 1:
+        raise ConfigError(f"candidates.pairs_per_slice must be at least 1, got {settings.pairs_per_slice}")
     counter = StageCounter(run_id or new_run_id(), STAGE)
-    new, counts = _read_new_pairs(spark, lake, settings)
-    counter.add_drops(counts.rows_in, counts.dropped)
-    batch_keys = counts.extra["batch_keys"]
-    counter.add("dedup_within_batch", counts.rows_out, batch_keys)
-
     ensure_table(spark, lake, CANDIDATES, CANDIDATES_SCHEMA)
-    inserted = replaced = 0
-    if batch_keys:  # with no key, neither the join with candidates nor the MERGE has anything to do
-        existing = read_table(spark, lake, CANDIDATES)
-        inserted, replaced = _merge_candidates(build_candidates(new.rows, existing, settings), lake)
-    written = inserted + replaced
-    counter.add("dedup_against_lake", batch_keys, written)
+    totals = _SliceTotals()
+    number = 0
+    while True:
+        number += 1
+        new, counts = _read_new_pairs(spark, lake, settings)
+        batch_keys = counts.extra["batch_keys"]
+        inserted = replaced = 0
+        if batch_keys:  # with no key, neither the join with candidates nor the MERGE has anything to do
+            existing = read_table(spark, lake, CANDIDATES)
+            inserted, replaced = _merge_candidates(build_candidates(new.rows, existing, settings), lake)
+        if new.moves_bookmark:  # only once the MERGE has committed (see the module docstring)
+            write_bookmark(spark, lake, new.bookmark, counter.run_id)
+        totals.add(counts, batch_keys, inserted, replaced)
+        log.info(
+            "candidates: slice %d (pairs up to version %d of %d): %d new keys, %d earlier survivors replaced "
+            "later ones", number, new.bookmark.version, max(new.latest, new.bookmark.version), inserted, replaced,
+        )  # fmt: skip
+        if not new.has_more:
+            break
+    counter.add_drops(totals.rows_in, totals.dropped.items())
+    counter.add("dedup_within_batch", totals.rows_out, totals.batch_keys)
+    written = totals.inserted + totals.replaced
+    counter.add("dedup_against_lake", totals.batch_keys, written)
     counter.add("detect_language", written, written)
-    if new.moves_bookmark:  # only once the MERGE has committed (see the module docstring)
-        write_bookmark(spark, lake, new.bookmark, counter.run_id)
-    log.info("candidates: %d new keys, %d earlier survivors replaced later ones", inserted, replaced)
-
     counter.write(spark, lake)
     return counter
+
+
+@dataclass
+class _SliceTotals:
+    """The counts of a run's slices, added up for its funnel."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    batch_keys: int = 0
+    inserted: int = 0
+    replaced: int = 0
+
+    def add(self, counts: DropCounts, batch_keys: int, inserted: int, replaced: int) -> None:
+        self.rows_in += counts.rows_in
+        self.rows_out += counts.rows_out
+        for rule, dropped in counts.dropped:
+            self.dropped[rule] = self.dropped.get(rule, 0) + dropped
+        self.batch_keys += batch_keys
+        self.inserted += inserted
+        self.replaced += replaced
 
 
 def _read_new_pairs(spark: SparkSession, lake: str, settings: CandidatesConfig) -> tuple[NewRows, DropCounts]:
     """The pairs this run reads, and their counts: rows in, every rule's drops and the distinct keys of the rest,
     in one aggregation (all of ``pairs`` when its change feed turns out to be gone as this job reads it)."""
-    new = read_new_rows(spark, lake, STAGE, PAIRS, whole=not settings.incremental)
+    new = read_new_rows(spark, lake, STAGE, PAIRS, whole=not settings.incremental, max_rows=settings.pairs_per_slice)
     new, counts = consume_new_rows(spark, lake, new, lambda pairs: _count_rules_and_keys(pairs, settings))
     if new.is_whole_table:
         log.info("candidates: read all of pairs at version %d", new.bookmark.version)

@@ -2,8 +2,12 @@
 
 Each Spark task streams its URLs through the worker's :class:`Fetcher` (a thread pool built once per Python worker
 and reused by every task it runs), decodes and resizes in the same threads, and yields rows a few hundred at a time.
-Results are staged to Parquet first and merged into ``images`` from there, so that counting the outcomes and
-merging never fetch a URL twice.
+
+The URLs still to fetch (candidates with no final row in ``images``: an anti-join over the key columns) are staged
+once, narrow, and fetched ``download.urls_per_slice`` at a time; each slice is one commit to ``images``, in a
+partition of its own (``fetch_batch`` = ``<run_id>-<slice>``). A killed run loses at most the slice in flight: the
+rerun's anti-join no longer finds the URLs of committed slices. The outcomes are counted at the end from the
+partitions this run wrote, so no URL is fetched twice for counting.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from laion_spark.download.archive import (
 )
 from laion_spark.download.fetch import Fetcher, FetchResult, FetchSettings
 from laion_spark.download.images import ImageSettings, ProcessedImage, process_image
-from laion_spark.schemas import CANDIDATES, IMAGES, IMAGES_SCHEMA
-from laion_spark.storage import StageCounter, append, new_run_id, read_table, staged, upsert
+from laion_spark.schemas import CANDIDATES, IMAGE_ROW_SCHEMA, IMAGES, IMAGES_SCHEMA
+from laion_spark.storage import StageCounter, append, ensure_table, new_run_id, read_table, upsert
+from laion_spark.storage.slices import BUCKET, plan_slices, staged_work, with_bucket
 from laion_spark.storage.stats import count_drops
 
 log = logging.getLogger(__name__)
@@ -63,19 +68,19 @@ def urls_to_fetch(candidates: DataFrame, images: DataFrame, retry_failed: bool =
 
 
 def fetch_images(to_fetch: DataFrame, fetch_settings: FetchSettings, image_settings: ImageSettings) -> DataFrame:
-    """(uid, url) -> ``IMAGES_SCHEMA`` rows, fetched over HTTP inside the Python workers."""
+    """(uid, url) -> ``IMAGE_ROW_SCHEMA`` rows, fetched over HTTP inside the Python workers."""
 
     def fetch_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         yield from _fetch_partition(batches, fetch_settings, image_settings)
 
     # Sorted, each task sees the rows of one URL together, so it fetches every URL once (see _fetch_partition).
-    return to_fetch.select("uid", "url").sortWithinPartitions("url").mapInPandas(fetch_partition, IMAGES_SCHEMA)
+    return to_fetch.select("uid", "url").sortWithinPartitions("url").mapInPandas(fetch_partition, IMAGE_ROW_SCHEMA)
 
 
 def images_from_archive(
     to_fetch: DataFrame, responses: DataFrame, fetch_settings: FetchSettings, image_settings: ImageSettings
 ) -> DataFrame:
-    """(uid, url) + archived responses -> ``IMAGES_SCHEMA`` rows; URLs with no record get ``not_in_archive``.
+    """(uid, url) + archived responses -> ``IMAGE_ROW_SCHEMA`` rows; URLs with no record get ``not_in_archive``.
 
     Only the captures of wanted URLs are kept before one is chosen per URL (the same one on every run).
     """
@@ -100,18 +105,21 @@ def images_from_archive(
         if rows:
             yield _frame(rows)
 
-    return joined.mapInPandas(judge_partition, IMAGES_SCHEMA)
+    return joined.mapInPandas(judge_partition, IMAGE_ROW_SCHEMA)
 
 
 def run_download(
     spark: SparkSession, config: Config, lake: str, run_id: str | None = None, retry_failed: bool = False
 ) -> StageCounter:
-    """Fetch every candidate URL with no final status yet and upsert one row per candidate into ``images``."""
+    """Fetch every candidate URL with no final status yet and upsert one row per candidate into ``images``,
+    ``download.urls_per_slice`` URLs at a time, each slice committed before the next starts."""
     settings = config.download
     if settings.source not in SOURCES:
         raise ConfigError(f"download.source = {settings.source!r}: use 'http' or 'archive'")
     if settings.source == "archive" and not settings.archive_inputs:
         raise ConfigError("download.source is 'archive' but download.archive_inputs is empty: list the WARC files")
+    if settings.urls_per_slice < 1:
+        raise ConfigError(f"download.urls_per_slice must be at least 1, got {settings.urls_per_slice}")
     fetch_settings = FetchSettings.from_config(settings)
     image_settings = ImageSettings.from_config(settings)
     counter = StageCounter(run_id or new_run_id(), "download")
@@ -124,29 +132,24 @@ def run_download(
     if fetch_count == 0:
         counter.write(spark, lake)
         return counter
-    to_fetch = marked.where(~F.col("settled")).select("uid", "url")
+    to_fetch = with_bucket(marked.where(~F.col("settled")).select("uid", "url"), "url")
+    ensure_table(spark, lake, IMAGES)
+    # Every URL of the run, narrow (uid, url), staged once: each slice then reads its own bucket range of it,
+    # instead of joining candidates with images again.
+    with staged_work(to_fetch, lake, "download_todo", [BUCKET, "url"], fetch_count) as todo:
+        slices = plan_slices([(None, fetch_count)], settings.urls_per_slice)
+        for piece in slices:
+            batch = f"{counter.run_id}-{piece.number:05d}"
+            rows = todo.where(piece.condition()).select("uid", "url")
+            fetched = _fetch_slice(spark, config, rows, piece.rows, fetch_settings, image_settings)
+            _commit_slice(fetched, lake, batch, retry_failed)
+            log.info(
+                "download: slice %d of %d committed (~%d URLs, batch %s)", piece.number, len(slices), piece.rows, batch
+            )
 
-    if settings.source == "http":
-        partitions = settings.partitions or max(
-            _default_parallelism(spark), math.ceil(fetch_count / URLS_PER_PARTITION)
-        )
-        # Hashing by URL puts every uid of one URL in the same task, which then fetches the URL once.
-        spread = to_fetch.repartition(partitions, "url")
-        fetched = fetch_images(spread, fetch_settings, image_settings)
-    else:
-        # Raises on the driver, before any archive is read, when an input is missing or is not an archive.
-        archives = list_archive_inputs(spark, settings.archive_inputs)
-        responses = archive_responses(spark, archives)
-        fetched = images_from_archive(to_fetch, responses, fetch_settings, image_settings)
-
-    # Staged once, so that counting the outcomes and writing images never fetch a URL twice.
-    with staged(fetched, lake, "download") as results:
-        outcomes = count_drops(results, F.when(F.col("status") != status.SUCCESS, F.col("status")), _FAILED_OUTCOMES)
-        if retry_failed:
-            upsert(results, lake, IMAGES, ["uid", "url"])  # retried rows replace their failures
-        else:
-            # Every uid here was anti-joined against images: a plain append is the same as a MERGE, and cheaper.
-            append(results, lake, IMAGES)
+    # The outcomes of this run, from the partitions it wrote (narrow columns, partition-pruned).
+    this_run = read_table(spark, lake, IMAGES).where(F.col("fetch_batch").startswith(f"{counter.run_id}-"))
+    outcomes = count_drops(this_run, F.when(F.col("status") != status.SUCCESS, F.col("status")), _FAILED_OUTCOMES)
     # Not a chain of filters: every URL ends with one outcome, so the failures are a breakdown of one step.
     counter.add(status.SUCCESS, fetch_count, outcomes.rows_out)
     for name, count in outcomes.dropped:
@@ -155,6 +158,37 @@ def run_download(
     counter.write(spark, lake)
     log.info("download: %d of %d candidates fetched, %d succeeded", fetch_count, wanted_count, outcomes.rows_out)
     return counter
+
+
+def _fetch_slice(
+    spark: SparkSession,
+    config: Config,
+    to_fetch: DataFrame,
+    rows: int,
+    fetch_settings: FetchSettings,
+    image_settings: ImageSettings,
+) -> DataFrame:
+    """One slice's (uid, url) -> ``IMAGE_ROW_SCHEMA`` rows, over HTTP or from the archives."""
+    settings = config.download
+    if settings.source == "http":
+        partitions = settings.partitions or max(_default_parallelism(spark), math.ceil(rows / URLS_PER_PARTITION))
+        # Hashing by URL puts every uid of one URL in the same task, which then fetches the URL once.
+        return fetch_images(to_fetch.repartition(partitions, "url"), fetch_settings, image_settings)
+    # Raises on the driver, before any archive is read, when an input is missing or is not an archive.
+    archives = list_archive_inputs(spark, settings.archive_inputs)
+    responses = archive_responses(spark, archives)
+    return images_from_archive(to_fetch, responses, fetch_settings, image_settings)
+
+
+def _commit_slice(fetched: DataFrame, lake: str, batch: str, retry_failed: bool) -> None:
+    """One commit to ``images``: the slice's rows, in the partition ``batch``."""
+    results = fetched.withColumn("fetch_batch", F.lit(batch)).select(*IMAGES_SCHEMA.names)
+    if retry_failed:
+        # Retried rows replace their failures: deletion vectors mark the old rows, no data file is rewritten.
+        upsert(results, lake, IMAGES, ["uid", "url"])
+    else:
+        # Every uid here was anti-joined against images: a plain append is the same as a MERGE, and cheaper.
+        append(results, lake, IMAGES)
 
 
 def _default_parallelism(spark: SparkSession) -> int:
@@ -258,7 +292,7 @@ _INT_COLUMNS = ("http_status", "original_width", "original_height", "width", "he
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=[f for f in IMAGES_SCHEMA.fieldNames() if f != "fetched_at"])
+    frame = pd.DataFrame(rows, columns=[f for f in IMAGE_ROW_SCHEMA.fieldNames() if f != "fetched_at"])
     for column in _INT_COLUMNS:
         frame[column] = pd.array(frame[column].tolist(), dtype="Int32")
     frame["fetched_at"] = pd.Timestamp.now(tz="UTC")

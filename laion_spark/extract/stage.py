@@ -1,12 +1,19 @@
-"""The Spark side of extraction: one task per input file, then ``pairs`` and ``ingest_log`` in the lake.
+"""The Spark side of extraction: one task per input file, then ``pairs`` and ``ingest_log`` in the lake, one
+slice of files at a time.
 
-The driver lists files and reads the ingest log; it never opens an archive. Each file becomes one partition of
-a small DataFrame of paths, and ``mapInArrow`` streams it in a Python worker (worker.py), emitting pair rows
-in bounded batches and one status row per file in a single output schema. That output is staged once (a Delta
-staging table in the lake, not ``persist``, which serverless compute refuses), so the extraction runs once while
-two tables are written from it: ``pairs`` with one ``replaceWhere`` commit over the
-files of this run (re-reading a partial file replaces its rows), and ``ingest_log`` the same way, which upserts
-it by ``source_file`` without the join of a MERGE.
+The driver lists files and reads the ingest log; it never opens an archive. The files still to read are cut
+into slices of ``extract.files_per_slice``; each slice is extracted and committed before the next starts, so a
+killed run loses at most the slice in flight, and its rerun skips every file the log says is ``ok``. Each file
+of a slice becomes one partition of a small DataFrame of paths, and ``mapInArrow`` streams it in a Python worker
+(worker.py), emitting pair rows in bounded batches and one status row per file in a single output schema. That
+output is staged once (a Delta staging table in the lake, not ``persist``, which serverless compute refuses), so
+the extraction runs once while two tables are written from it.
+
+``pairs`` is partitioned by ``ingest_batch``, the slice that first read the file (``<run_id>-<slice>``), and
+``ingest_log`` names it for every file. Writing a slice is one ``replaceWhere`` over its partitions and files:
+for new files the partition is new and Delta has nothing to scan, and a file read again (a partial or failed
+read, ``--force``, a slice killed before its log commit) is replaced inside the one partition its rows are in.
+No commit ever names more files than one slice, however many the run reads.
 
 Files that Python cannot open (a scheme with no fsspec implementation here, or ``extract.io: spark``) are read
 with Spark's ``binaryFile`` source instead: the whole file is then one in-memory value (not streamed, and
@@ -29,9 +36,10 @@ from pyspark.sql.types import StructType
 from laion_spark.config import Config, ConfigError, ExtractConfig
 from laion_spark.extract.inputs import list_input_files, python_can_open
 from laion_spark.extract.worker import OUTPUT_SCHEMA, PAIR, STATUS, ExtractRules, extract_partition
-from laion_spark.schemas import INGEST_LOG, INGEST_LOG_SCHEMA, PAIRS, PAIRS_SCHEMA
+from laion_spark.schemas import INGEST_LOG, INGEST_LOG_SCHEMA, PAIR_ROW_SCHEMA, PAIRS, PAIRS_SCHEMA
 from laion_spark.storage import (
     StageCounter,
+    append,
     ensure_table,
     new_run_id,
     read_table,
@@ -39,6 +47,7 @@ from laion_spark.storage import (
     staged,
     table_exists,
 )
+from laion_spark.storage.delta import sql_in
 from laion_spark.storage.files import existing_files
 
 log = logging.getLogger(__name__)
@@ -89,30 +98,36 @@ def run_extract(
     force: bool = False,
     run_id: str | None = None,
 ) -> ExtractResult:
-    """Extract pairs from ``inputs`` (paths, globs, manifests) into ``<lake>/pairs`` and ``<lake>/ingest_log``."""
+    """Extract pairs from ``inputs`` (paths, globs, manifests) into ``<lake>/pairs`` and ``<lake>/ingest_log``,
+    ``extract.files_per_slice`` files at a time, each slice committed before the next starts."""
     started = time.perf_counter()
     result = ExtractResult(run_id=run_id or new_run_id())
+    if config.extract.files_per_slice < 1:
+        raise ConfigError(f"extract.files_per_slice must be at least 1, got {config.extract.files_per_slice}")
     files = list_input_files(spark, inputs, config.extract.manifest_prefix)
     if not files:
         raise FileNotFoundError(f"no input files in {', '.join(inputs)}")
-    done = set() if force else _files_already_ok(spark, lake, files)
-    to_read = [f for f in files if f not in done]
-    result.files_listed, result.files_skipped = len(files), len(done)
+    logged = _logged_files(spark, lake, files)
+    to_read = [f for f in files if force or logged.get(f, ("", ""))[0] != "ok"]
+    result.files_listed, result.files_skipped = len(files), len(files) - len(to_read)
     counter = StageCounter(result.run_id, "extract")
     counter.add("files_not_yet_ok", len(files), len(to_read))
     totals = {"records_with_images": 0, "images_found": 0, "images_with_alt": 0}
-    if to_read:
-        # Staged once: pairs, the log and the totals all read the one extraction (no persist: serverless refuses it).
-        with staged(extract_dataframe(spark, to_read, config.extract), lake, "extract") as extracted:
-            output = extracted.unionByName(_statuses_of_unread_files(spark, extracted, to_read))
-            ensure_table(spark, lake, PAIRS, PAIRS_SCHEMA)
-            condition = sql_in("source_file", to_read)
-            replace_where(pairs_from_output(output), lake, PAIRS, condition)
-            # Replacing the log rows of exactly the files read is the upsert by source_file, as one cheap commit
-            # (a MERGE would join against the whole log).
-            ensure_table(spark, lake, INGEST_LOG, INGEST_LOG_SCHEMA)
-            replace_where(ingest_log_from_output(output, result.run_id), lake, INGEST_LOG, condition)
-            _collect_totals(output, result, totals)
+    size = config.extract.files_per_slice
+    slices = [to_read[i : i + size] for i in range(0, len(to_read), size)]
+    if slices:
+        ensure_table(spark, lake, PAIRS)
+        ensure_table(spark, lake, INGEST_LOG)
+    for number, slice_files in enumerate(slices, 1):
+        batch = f"{result.run_id}-{number:05d}"
+        # A file read before keeps the partition its rows are in; a new one goes to this slice's.
+        batches = {f: logged[f][1] if f in logged else batch for f in slice_files}
+        new_files = [f for f in slice_files if f not in logged]
+        _extract_slice(spark, config, lake, batches, new_files, result, totals)
+        log.info(
+            "extract: slice %d of %d committed (%d files, batch %s); %d pairs so far",
+            number, len(slices), len(slice_files), batch, result.pairs_written,
+        )  # fmt: skip
     counter.add("files", len(to_read), result.files_ok + result.files_partial)
     counter.add("records", result.records_read, totals["records_with_images"])
     counter.add("images_with_alt_text", totals["images_found"], totals["images_with_alt"])
@@ -122,6 +137,38 @@ def run_extract(
     result.duration_s = time.perf_counter() - started
     log.info("%s", result.summary())
     return result
+
+
+def _extract_slice(
+    spark: SparkSession,
+    config: Config,
+    lake: str,
+    batches: dict[str, str],
+    new_files: list[str],
+    result: ExtractResult,
+    totals: dict[str, int],
+) -> None:
+    """Extract one slice of files and commit it: three small commits, in an order that a kill between any two
+    leaves resumable (see the README, "Slices and resume").
+
+    1. ``ingest_log`` rows ``started`` for the files new to the lake, naming the partition their pairs will be in;
+    2. ``pairs``: one ``replaceWhere`` over the slice's partitions and files (rows of an earlier, partial read of
+       a file are replaced; a new partition holds nothing to scan);
+    3. ``ingest_log``: the files' final status. Until then a file is not ``ok``, and a rerun reads it again into
+       the partition named in step 1, replacing whatever step 2 left there.
+    """
+    files = list(batches)
+    if new_files:  # a file read before already has its row, and with it its partition
+        markers = spark.createDataFrame([(f, batches[f]) for f in new_files], "source_file string, ingest_batch string")
+        append(_started_rows(markers, result.run_id), lake, INGEST_LOG)
+    with staged(extract_dataframe(spark, files, config.extract), lake, "extract") as extracted:
+        output = extracted.unionByName(_statuses_of_unread_files(spark, extracted, files))
+        condition = f"{sql_in('ingest_batch', sorted(set(batches.values())))} AND {sql_in('source_file', files)}"
+        pairs = pairs_from_output(output).withColumn("ingest_batch", _batch_of_file(batches))
+        replace_where(pairs.select(*PAIRS_SCHEMA.names), lake, PAIRS, condition)
+        statuses = ingest_log_from_output(output, result.run_id).withColumn("ingest_batch", _batch_of_file(batches))
+        replace_where(statuses.select(*INGEST_LOG_SCHEMA.names), lake, INGEST_LOG, sql_in("source_file", files))
+        _collect_totals(output, result, totals)
 
 
 def extract_dataframe(spark: SparkSession, files: list[str], config: ExtractConfig) -> DataFrame:
@@ -149,46 +196,72 @@ def extract_dataframe(spark: SparkSession, files: list[str], config: ExtractConf
 
 
 def pairs_from_output(output: DataFrame) -> DataFrame:
-    return output.where(F.col("kind") == PAIR).select(*_cast_to(PAIRS_SCHEMA))
+    """The pair rows of an extraction's output (``PAIR_ROW_SCHEMA``: the table adds ``ingest_batch``)."""
+    return output.where(F.col("kind") == PAIR).select(*_cast_to(PAIR_ROW_SCHEMA))
 
 
 def ingest_log_from_output(output: DataFrame, run_id: str) -> DataFrame:
+    """One ``ingest_log`` row per file of an extraction's output, every column but ``ingest_batch``."""
     statuses = output.where(F.col("kind") == STATUS)
     statuses = statuses.withColumn("run_id", F.lit(run_id)).withColumn("finished_at", F.current_timestamp())
-    return statuses.select(*_cast_to(INGEST_LOG_SCHEMA))
+    return statuses.select(*_cast_to(_without(INGEST_LOG_SCHEMA, "ingest_batch")))
 
 
-def sql_in(column: str, values: list[str]) -> str:
-    """``column IN ('a', 'b')`` with Spark SQL string escaping, for Delta's ``replaceWhere``."""
-    quoted = ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
-    return f"`{column}` IN ({quoted})"
+def _without(schema: StructType, name: str) -> StructType:
+    return StructType([f for f in schema.fields if f.name != name])
+
+
+def _batch_of_file(batches: dict[str, str]):
+    """The ``ingest_batch`` of each row's ``source_file`` (a slice names a few files: a literal map is enough)."""
+    pairs = [F.lit(v) for item in batches.items() for v in item]
+    return F.create_map(*pairs)[F.col("source_file")]
+
+
+def _started_rows(files: DataFrame, run_id: str) -> DataFrame:
+    """(source_file, ingest_batch) -> ``ingest_log`` rows of status ``started``."""
+    values = {
+        "status": F.lit("started"),
+        "records_read": F.lit(0),
+        "pairs_emitted": F.lit(0),
+        "duration_s": F.lit(0.0),
+        "run_id": F.lit(run_id),
+        "finished_at": F.current_timestamp(),
+    }
+    return files.select(
+        [values.get(f.name, F.col(f.name) if f.name in files.columns else F.lit(None)).cast(f.dataType).alias(f.name)
+         for f in INGEST_LOG_SCHEMA.fields]
+    )  # fmt: skip
 
 
 def _cast_to(schema: StructType) -> list:
     return [F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields]
 
 
-def _files_already_ok(spark: SparkSession, lake: str, files: list[str]) -> set[str]:
+def _logged_files(spark: SparkSession, lake: str, files: list[str]) -> dict[str, tuple[str, str]]:
+    """{source_file: (status, ingest_batch)} for the listed files that ``ingest_log`` has a row for."""
     if not table_exists(spark, lake, INGEST_LOG):
-        return set()
+        return {}
     ingest_log = read_table(spark, lake, INGEST_LOG)
     files_df = spark.createDataFrame([(f,) for f in files], "source_file string")
-    ok = ingest_log.where(F.col("status") == "ok").select("source_file").join(files_df, "source_file")
-    # One name per already-done input file: the listing we already hold, not data.
-    return {row.source_file for row in ok.collect()}
+    logged = ingest_log.select("source_file", "status", "ingest_batch").join(files_df, "source_file")
+    # One row per listed input file: the listing the driver already holds, not data.
+    return {row.source_file: (row.status, row.ingest_batch) for row in logged.collect()}
 
 
 def _collect_totals(output: DataFrame, result: ExtractResult, totals: dict[str, int]) -> None:
     statuses = output.where(F.col("kind") == STATUS)
     sums = [F.sum(name).alias(name) for name in ("records_read", "pairs_emitted", *totals)]
     for row in statuses.groupBy("status").agg(F.count("*").alias("files"), *sums).collect():
-        setattr(result, f"files_{row.status}", row.files)
+        name = f"files_{row.status}"
+        setattr(result, name, getattr(result, name) + row.files)
         result.records_read += row.records_read or 0
         result.pairs_written += row.pairs_emitted or 0
         for name in totals:
             totals[name] += row[name] or 0
-    problems = statuses.where(F.col("status") != "ok").select("source_file", "status", "error")
-    result.problems = [(r.source_file, r.status, r.error) for r in problems.limit(_PROBLEMS_SHOWN).collect()]
+    room = _PROBLEMS_SHOWN - len(result.problems)
+    if room > 0:
+        problems = statuses.where(F.col("status") != "ok").select("source_file", "status", "error").limit(room)
+        result.problems += [(r.source_file, r.status, r.error) for r in problems.collect()]
 
 
 def _extract_with_binary_file(

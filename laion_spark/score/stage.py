@@ -1,7 +1,10 @@
 """The score stage: images + candidates -> ``embeddings`` and ``dataset``.
 
 Incremental and idempotent: only uids that have no row in ``embeddings`` yet are scored, so a rerun scores
-nothing twice. Rows that fail to decode get a ``failed_to_decode`` row in ``embeddings`` (and are not retried).
+nothing twice. The uids to score are found over key columns (images' uid, status and fetch_batch; embeddings'
+uid), staged once with their text, and scored ``clip.images_per_slice`` at a time: each slice joins its rows to
+the image bytes of its own partitions of ``images`` (the download slices that fetched them) and appends its
+embeddings in one commit, so a killed run loses at most the slice in flight. Rows that fail to decode get a ``failed_to_decode`` row in ``embeddings`` (and are not retried).
 ``dataset`` gets every pair at or above ``clip.threshold`` that it lacks (insert-only MERGE on uid, so a run that
 stopped between the two writes is completed by the next). In top-k% mode the cut depends on
 every score, so ``dataset`` is rebuilt from ``embeddings`` instead; :func:`rebuild_dataset` also re-cuts an
@@ -29,6 +32,7 @@ from laion_spark.storage import (
     overwrite,
     read_table,
 )
+from laion_spark.storage.slices import BUCKET, plan_slices, staged_work, with_bucket
 from laion_spark.storage.stats import count_drops
 
 log = logging.getLogger(__name__)
@@ -52,17 +56,28 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
     candidates = read_table(spark, lake, CANDIDATES)
     scored_uids = read_table(spark, lake, EMBEDDINGS, missing_ok=True).select("uid")
 
-    successful = images.where(F.col("status") == "success")
-    to_score = successful.join(candidates.select("uid", "text"), "uid").join(scored_uids, "uid", "left_anti")
+    to_score = (
+        images.where(F.col("status") == "success")
+        .select("uid", "fetch_batch")
+        .join(candidates.select("uid", "text"), "uid")
+        .join(scored_uids, "uid", "left_anti")
+    )
     to_score_count = _count_inputs(counter, images, candidates, scored_uids).rows_out
 
     if to_score_count:
-        if clip.partitions > 0:
-            to_score = to_score.repartition(clip.partitions)
-        embeddings = to_embeddings_rows(score_pairs(to_score, settings), settings, run_id)
-        # Plain append: the anti-join above already left out every uid in the table, and a MERGE could
-        # evaluate the (expensive) scoring plan twice.
-        append(embeddings, lake, EMBEDDINGS)
+        if clip.images_per_slice < 1:
+            raise ConfigError(f"clip.images_per_slice must be at least 1, got {clip.images_per_slice}")
+        # Narrow (uid, text, fetch_batch), staged once; each slice joins its rows to the image bytes of its own
+        # partitions of images only, so the bytes are read once, by the slice that scores them.
+        order = ["fetch_batch", BUCKET]
+        with staged_work(with_bucket(to_score, "uid"), lake, "score_todo", order, to_score_count) as todo:
+            # One row per download slice that left work: metadata-sized.
+            per_batch = [(row.fetch_batch, row["count"]) for row in todo.groupBy("fetch_batch").count().collect()]
+            slices = plan_slices(per_batch, clip.images_per_slice)
+            for piece in slices:
+                rows = todo.where(piece.condition("fetch_batch"))
+                _score_slice(spark, lake, rows, piece.groups, settings, run_id, clip.partitions)
+                log.info("score: slice %d of %d committed (~%d images)", piece.number, len(slices), piece.rows)
     this_run = read_table(spark, lake, EMBEDDINGS, missing_ok=True).where(F.col("run_id") == run_id)
     threshold_cut = clip.top_k_percent <= 0
     below_threshold = (F.col("similarity") < F.lit(clip.threshold)) if threshold_cut else F.lit(False)
@@ -87,6 +102,25 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
         merge_insert_new(passing, lake, DATASET, ["uid"])
     counter.write(spark, lake)
     return counter
+
+
+def _score_slice(
+    spark: SparkSession,
+    lake: str,
+    rows: DataFrame,
+    batches: list[str],
+    settings: ScoringSettings,
+    run_id: str,
+    clip_partitions: int,
+) -> None:
+    """Score one slice's (uid, text) against its image bytes and append the rows to ``embeddings``: one commit."""
+    image_bytes = read_table(spark, lake, IMAGES).where(F.col("fetch_batch").isin(*batches)).select("uid", "image")
+    to_score = rows.select("uid", "text").join(image_bytes, "uid")
+    if clip_partitions > 0:
+        to_score = to_score.repartition(clip_partitions)
+    # Plain append: the anti-join already left out every uid in the table, and a MERGE could evaluate the
+    # (expensive) scoring plan twice.
+    append(to_embeddings_rows(score_pairs(to_score, settings), settings, run_id), lake, EMBEDDINGS)
 
 
 def to_embeddings_rows(scored: DataFrame, settings: ScoringSettings, run_id: str) -> DataFrame:

@@ -24,7 +24,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from laion_spark.schemas import BOOKMARKS, BOOKMARKS_SCHEMA, SCHEMAS, TABLE_PROPERTIES
+from laion_spark.schemas import BOOKMARKS, BOOKMARKS_SCHEMA, PARTITION_COLUMNS, SCHEMAS, TABLE_PROPERTIES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,19 +96,23 @@ def ensure_table(
 ) -> None:
     """Create the table empty with its declared schema (NOT NULL columns stay NOT NULL in Delta) and Delta
     ``properties`` (by default the table's own in ``schemas.TABLE_PROPERTIES``: ``pairs`` records its change data
-    feed). An existing table is left as it is."""
+    feed), partitioned by its ``schemas.PARTITION_COLUMNS``. An existing table is left as it is."""
     if table_exists(spark, lake, name):
         return
     schema = schema or SCHEMAS[name]
     properties = TABLE_PROPERTIES.get(name, {}) if properties is None else properties
+    partitioned = [c for c in PARTITION_COLUMNS.get(name, []) if c in schema.names]
     if is_catalog_lake(lake):
         spark.sql(f"CREATE SCHEMA IF NOT EXISTS {lake}")
     columns = ", ".join(
         f"`{field.name}` {field.dataType.simpleString()}{'' if field.nullable else ' NOT NULL'}"
         for field in schema.fields
     )
+    partitioned_by = f" PARTITIONED BY ({', '.join(f'`{c}`' for c in partitioned)})" if partitioned else ""
     tblproperties = f" TBLPROPERTIES ({_sql_properties(properties)})" if properties else ""
-    spark.sql(f"CREATE TABLE IF NOT EXISTS {table_ref(lake, name)} ({columns}) USING DELTA{tblproperties}")
+    spark.sql(
+        f"CREATE TABLE IF NOT EXISTS {table_ref(lake, name)} ({columns}) USING DELTA{partitioned_by}{tblproperties}"
+    )
 
 
 @dataclass(frozen=True)
@@ -235,22 +239,39 @@ class NewRows:
     rows: DataFrame
     bookmark: Bookmark
     since: Bookmark | None
+    latest: int = -1  # the source's version when read: past ``bookmark.version``, commits are left for later
 
     @property
     def is_whole_table(self) -> bool:
         return self.since is None
 
     @property
+    def has_more(self) -> bool:
+        return self.latest > self.bookmark.version
+
+    @property
     def moves_bookmark(self) -> bool:
         return self.bookmark != self.since
 
 
-def read_new_rows(spark: SparkSession, lake: str, consumer: str, source: str, whole: bool = False) -> NewRows:
+def read_new_rows(
+    spark: SparkSession,
+    lake: str,
+    consumer: str,
+    source: str,
+    whole: bool = False,
+    max_rows: int | None = None,
+) -> NewRows:
     """The rows of ``source`` that ``consumer`` has not read yet: those inserted since its bookmark, from the
     table's change data feed, up to the version current now; the whole table at that version when there is no
     bookmark (a first run), when the table is another one than the bookmark's (dropped and created again), when
     the feed is gone for part of the range, or when ``whole``. The change data feed of ``source`` is switched on
-    first where it is off (one commit, once).
+    first where it is off (one commit, once). With no bookmark, a table whose feed has been on since its creation
+    is read from its feed too, from version 0.
+
+    With ``max_rows``, the range stops at the first commit that brings the rows inserted since the bookmark to
+    ``max_rows`` or more (by the commits' own metrics; a commit is never split): a slice. ``has_more`` then says
+    whether commits are left for the next call.
 
     Delta may find the feed gone only once a job reads it (its files vacuumed): run the job through
     :func:`consume_new_rows`, which then runs it over the whole table."""
@@ -260,18 +281,52 @@ def read_new_rows(spark: SparkSession, lake: str, consumer: str, source: str, wh
     if detail.properties.get(CHANGE_DATA_FEED) != "true":
         set_table_properties(spark, lake, source, {CHANGE_DATA_FEED: "true"})
     version = latest_version(spark, lake, source)
-    bookmark = Bookmark(consumer, source, detail.id, 0 if version is None else version)
+    latest = 0 if version is None else version
+    bookmark = Bookmark(consumer, source, detail.id, latest)
     since = None if whole else read_bookmark(spark, lake, consumer, source)
+    if since is None and not whole and _feed_on_since_creation(spark, lake, source):
+        since = Bookmark(consumer, source, detail.id, -1)
     if since is None or since.source_id != detail.id or since.version > bookmark.version:
         return read_whole_table(spark, lake, bookmark)
+    if max_rows is not None:
+        end = _slice_end(spark, lake, source, since.version, latest, max_rows)
+        bookmark = Bookmark(consumer, source, detail.id, end)
     try:
         rows = read_inserted_rows(spark, lake, source, since.version, bookmark.version)
     except Exception as error:
         if not change_feed_unreadable(error):
             raise
         _log_change_feed_gone(since, error)
-        return read_whole_table(spark, lake, bookmark)
-    return NewRows(rows, bookmark, since)
+        return read_whole_table(spark, lake, Bookmark(consumer, source, detail.id, latest))
+    return NewRows(rows, bookmark, since, latest)
+
+
+def _feed_on_since_creation(spark: SparkSession, lake: str, name: str) -> bool:
+    """Whether the table was created with its change data feed on (its version 0 set the property)."""
+    first = spark.sql(f"DESCRIBE HISTORY {table_ref(lake, name)}").where("version = 0").select("operationParameters")
+    row = first.first()
+    properties = (row.operationParameters or {}).get("properties", "") if row is not None else ""
+    return bool(re.search(r'"delta\.enableChangeDataFeed"\s*:\s*"true"', properties or ""))
+
+
+def _slice_end(spark: SparkSession, lake: str, name: str, after: int, latest: int, max_rows: int) -> int:
+    """The last version of the slice that starts after ``after``: about ``max_rows`` inserted rows, at least one
+    commit. Read from the commits' metrics (``DESCRIBE HISTORY``, the commits after ``after`` only)."""
+    if latest <= after + 1:
+        return latest
+    history = spark.sql(f"DESCRIBE HISTORY {table_ref(lake, name)} LIMIT {int(latest - after)}")
+    # One row per commit of the range: the table's history, not its data.
+    commits = sorted(
+        (int(row.version), row.operationMetrics or {})
+        for row in history.select("version", "operationMetrics").collect()
+        if after < int(row.version) <= latest
+    )
+    rows = 0
+    for version, metrics in commits:
+        rows += int(metrics.get("numOutputRows") or metrics.get("numTargetRowsInserted") or 0)
+        if rows >= max_rows:
+            return version
+    return latest
 
 
 def consume_new_rows(spark: SparkSession, lake: str, new: NewRows, job: Callable[[DataFrame], T]) -> tuple[NewRows, T]:
@@ -316,6 +371,9 @@ def _save(df: DataFrame, lake: str, name: str, mode: str, **options: str) -> Non
 
 
 def append(df: DataFrame, lake: str, name: str) -> None:
+    """Append ``df``; a table of the lake's own (``schemas.SCHEMAS``) is first created with its layout if missing."""
+    if name in SCHEMAS and set(SCHEMAS[name].names) <= set(df.columns):
+        ensure_table(df.sparkSession, lake, name)
     _save(df, lake, name, "append")
 
 
@@ -329,6 +387,12 @@ def replace_where(df: DataFrame, lake: str, name: str, condition: str) -> None:
         append(df, lake, name)
         return
     _save(df, lake, name, "overwrite", replaceWhere=condition)
+
+
+def sql_in(column: str, values: Sequence[str]) -> str:
+    """``column IN ('a', 'b')`` with Spark SQL string escaping (for ``replaceWhere`` and slice predicates)."""
+    quoted = ", ".join(_sql_string(v) for v in values)
+    return f"`{column}` IN ({quoted})"
 
 
 @dataclass(frozen=True)
