@@ -111,7 +111,7 @@ def _rows(spark, lake: str, table: str, columns: list[str]) -> list[tuple]:
 
 def _commits(spark, lake: str, table: str) -> int:
     history = spark.sql(f"DESCRIBE HISTORY {table_ref(lake, table)}")
-    return history.where("operation NOT IN ('CREATE TABLE', 'SET TBLPROPERTIES')").count()
+    return history.where("operation IN ('WRITE', 'MERGE')").count()  # not the OPTIMIZEs of auto compaction
 
 
 PAIR_COLUMNS = ["uid", "url", "text", "text_key", "page_url", "source_file", "record_offset", "crawl_date"]

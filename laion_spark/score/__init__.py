@@ -21,16 +21,32 @@ from laion_spark.score.nsfw import (
     punsafe,
     zero_shot_tags,
 )
-from laion_spark.score.scoring import (
-    FAILED_TO_DECODE,
-    SCORED_SCHEMA,
-    ScoringSettings,
-    decode_image,
-    round_embeddings,
-    score_pairs,
-    score_record_batches,
-)
-from laion_spark.score.stage import build_dataset, rebuild_dataset, run_score, to_embeddings_rows
+
+# The Spark side loads on first use, so that the worker's scoring path (laion_spark.score.worker, and the model and
+# NSFW modules above) imports where pyspark is not installed: a GPU box that only runs bench/gpu/score_gpu.py.
+_SPARK_SIDE = {
+    "FAILED_TO_DECODE": "laion_spark.score.scoring",
+    "SCORED_SCHEMA": "laion_spark.score.scoring",
+    "ScoringSettings": "laion_spark.score.scoring",
+    "decode_image": "laion_spark.score.scoring",
+    "round_embeddings": "laion_spark.score.scoring",
+    "score_pairs": "laion_spark.score.scoring",
+    "score_record_batches": "laion_spark.score.scoring",
+    "build_dataset": "laion_spark.score.stage",
+    "rebuild_dataset": "laion_spark.score.stage",
+    "run_score": "laion_spark.score.stage",
+    "to_embeddings_rows": "laion_spark.score.stage",
+}
+
+
+def __getattr__(name: str):
+    module = _SPARK_SIDE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "FAILED_TO_DECODE",

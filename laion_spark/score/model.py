@@ -82,8 +82,10 @@ def choose_device(requested: str, gpu_addresses: Sequence[str] | None, cuda_avai
 def task_gpu_addresses(resources: Mapping[str, Any] | None = None) -> list[str]:
     """GPU addresses from the current task's resources (or from ``resources``, a TaskContext.resources() mapping)."""
     if resources is None:
-        from pyspark import TaskContext
-
+        try:
+            from pyspark import TaskContext
+        except ImportError:  # scoring without Spark (laion_spark.score.worker on a bare GPU box)
+            return []
         context = TaskContext.get()
         resources = context.resources() if context is not None else {}
     gpu = resources.get("gpu")

@@ -429,14 +429,21 @@ def merge(
         spark.sql(f"MERGE INTO {target} AS target USING {view} AS source ON {on} {' '.join(clauses)}")
     finally:
         spark.catalog.dropTempView(view)
-    commit = latest_commit(spark, lake, name)
-    if commit is None or commit["version"] == before:
+    commit = _merge_commit_after(spark, lake, name, -1 if before is None else before)
+    if commit is None:
         return MergeCounts()  # Delta commits nothing when a MERGE changes nothing
-    if commit["operation"] != "MERGE":
-        log.warning("%s: expected our MERGE as the latest commit, found %s", name, commit["operation"])
-        return MergeCounts()
     metrics = commit["operationMetrics"] or {}
     return MergeCounts(int(metrics.get("numTargetRowsInserted", 0)), int(metrics.get("numTargetRowsUpdated", 0)))
+
+
+def _merge_commit_after(spark: SparkSession, lake: str, name: str, before: int):
+    """Our MERGE: the first commit after ``before``. Auto compaction may have committed an OPTIMIZE after it."""
+    history = spark.sql(f"DESCRIBE HISTORY {table_ref(lake, name)} LIMIT 3")
+    commits = history.where(F.col("version") > before).select("version", "operation", "operationMetrics").collect()
+    merges = sorted((c for c in commits if c["operation"] == "MERGE"), key=lambda c: c["version"])
+    if commits and not merges:
+        log.warning("%s: expected our MERGE after version %d, found %s", name, before, commits[0]["operation"])
+    return merges[0] if merges else None
 
 
 def upsert(df: DataFrame, lake: str, name: str, keys: list[str]) -> MergeCounts:

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 # ZORDER BY, per table: the column that the stages after it select or join on, so that OPTIMIZE puts rows with
 # near values in the same files and Delta's file statistics let those reads skip the rest.
-# - pairs, ingest_log: extract replaces a file's rows with `replaceWhere source_file IN (...)`, and reads the log
-#   by source_file to skip the files already ok.
+# - pairs, ingest_log: extract replaces a file's rows with `replaceWhere ingest_batch IN (...) AND source_file IN
+#   (...)` (pairs is partitioned by ingest_batch: the ZORDER sorts inside each partition), and reads the log by
+#   source_file to skip the files already ok.
 # - candidates: the candidates stage MERGEs on dedup_key (the table's unique key).
 # - images, embeddings, dataset: keyed by uid; download and score join and MERGE them on it.
 # stage_stats is a few rows per run and the tables whose names start with "_" (staging, run lock, bookmarks) are
