@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -12,6 +13,7 @@ from laion_spark.jars import cached_delta_jars
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+_LOCAL_MASTER = re.compile(r"local(?:\[(\d+|\*)(?:,\d+)?\])?")
 
 
 def get_spark(config: Config | SparkConfig | None = None) -> SparkSession:
@@ -65,9 +67,28 @@ def build_local_session(spark_config: SparkConfig) -> SparkSession:
         builder = add_object_store_connectors(builder, spark_config, jars)
     # Executors started by a standalone master or local-cluster must find the same Python.
     os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON") or _current_python())
+    if not submitted:
+        for key, value in local_defaults(spark_config.master).items():
+            builder = builder.config(key, value)  # set first, so the same key in spark.conf replaces it
     for key, value in spark_config.conf.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()
+
+
+def local_defaults(master: str) -> dict[str, str]:
+    """Settings for a session on one machine (``local``, ``local[N]``, ``local[*]``) that Spark and Delta size
+    for clusters; ``spark.conf`` in the config replaces any of them.
+
+    Delta rebuilds a table's snapshot with ``snapshotPartitions`` tasks (50 by default) on every read and commit:
+    on a few local cores those tasks are most of a small stage's time. The extract stage on a tiny WAT took 30 to
+    50 s with 50 and 19 s with 4 on a loaded 2-core machine (bench/extract.py prints this fixed cost).
+    """
+    match = _LOCAL_MASTER.fullmatch(master.strip())
+    if match is None:
+        return {}
+    cores = match.group(1)
+    cores = 1 if cores is None else (os.cpu_count() or 1) if cores == "*" else int(cores)
+    return {"spark.databricks.delta.snapshotPartitions": str(max(1, min(cores, 4)))}
 
 
 def add_object_store_connectors(

@@ -21,7 +21,7 @@ from laion_spark.config import Config, ConfigError
 from laion_spark.download import run_download, status
 from laion_spark.extract.text import text_key
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, IMAGES, STAGE_STATS
-from laion_spark.storage import append, read_table
+from laion_spark.storage import append, read_table, table_ref
 from laion_spark.testing.server import serve_synthetic_images
 
 
@@ -142,6 +142,13 @@ def test_download_writes_one_row_per_candidate_incrementally_and_safely(spark, l
         assert hostile.hits["/noai.jpg"] == 1  # an opt-out is final
         assert hostile.hits["/bomb.png"] == 1  # so is a verdict on the content
         assert other.total_hits == 0
+        # The retry's MERGE marked the failed rows deleted (deletion vectors) and rewrote no data file of images,
+        # whose files hold the image bytes.
+        history = spark.sql(f"DESCRIBE HISTORY {table_ref(lake, IMAGES)}").where("operation = 'MERGE'").collect()
+        assert len(history) == 1
+        metrics = history[0].operationMetrics
+        assert int(metrics["numTargetFilesRemoved"]) == 0 and int(metrics["numTargetDeletionVectorsAdded"]) > 0
+        assert int(metrics["numTargetRowsUpdated"]) == len(failures)
     finally:
         hostile.shutdown()
         other.shutdown()

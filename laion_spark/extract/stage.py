@@ -22,6 +22,7 @@ limited to 2 GiB by Spark), which is why it is the fallback and not the default.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import time
@@ -53,6 +54,10 @@ from laion_spark.storage.files import existing_files
 log = logging.getLogger(__name__)
 
 _PROBLEMS_SHOWN = 5
+_STATUS_COLUMNS = [
+    "source_file", "status", "records_read", "pairs_emitted", "error", "duration_s",
+    "records_with_images", "images_found", "images_with_alt",
+]  # fmt: skip
 _BINARY_FILE_MAX_LENGTH = "spark.sql.sources.binaryFile.maxLength"
 
 
@@ -118,15 +123,22 @@ def run_extract(
     if slices:
         ensure_table(spark, lake, PAIRS)
         ensure_table(spark, lake, INGEST_LOG)
+    # A file read before keeps the partition its rows are in; a new one goes to its slice's.
+    batch_of = {
+        f: logged[f][1] if f in logged else f"{result.run_id}-{n:05d}" for n, sl in enumerate(slices, 1) for f in sl
+    }
+    new_files = [f for f in to_read if f not in logged]
+    if new_files:
+        # Every new file's row, status "started", naming its partition, before any pairs are written: one commit.
+        markers = spark.createDataFrame(
+            [(f, batch_of[f]) for f in new_files], "source_file string, ingest_batch string"
+        )
+        append(_started_rows(markers, result.run_id), lake, INGEST_LOG)
     for number, slice_files in enumerate(slices, 1):
-        batch = f"{result.run_id}-{number:05d}"
-        # A file read before keeps the partition its rows are in; a new one goes to this slice's.
-        batches = {f: logged[f][1] if f in logged else batch for f in slice_files}
-        new_files = [f for f in slice_files if f not in logged]
-        _extract_slice(spark, config, lake, batches, new_files, result, totals)
+        _extract_slice(spark, config, lake, {f: batch_of[f] for f in slice_files}, result, totals)
         log.info(
-            "extract: slice %d of %d committed (%d files, batch %s); %d pairs so far",
-            number, len(slices), len(slice_files), batch, result.pairs_written,
+            "extract: slice %d of %d committed (%d files); %d pairs so far",
+            number, len(slices), len(slice_files), result.pairs_written,
         )  # fmt: skip
     counter.add("files", len(to_read), result.files_ok + result.files_partial)
     counter.add("records", result.records_read, totals["records_with_images"])
@@ -144,31 +156,35 @@ def _extract_slice(
     config: Config,
     lake: str,
     batches: dict[str, str],
-    new_files: list[str],
     result: ExtractResult,
     totals: dict[str, int],
 ) -> None:
-    """Extract one slice of files and commit it: three small commits, in an order that a kill between any two
-    leaves resumable (see the README, "Slices and resume").
+    """Extract one slice of files and commit it, in an order that a kill at any moment leaves resumable (README,
+    "Crawl scale"). Every file already has its ``ingest_log`` row naming its partition (``batches``), written
+    before the first slice (status ``started`` for a new file). Then:
 
-    1. ``ingest_log`` rows ``started`` for the files new to the lake, naming the partition their pairs will be in;
-    2. ``pairs``: one ``replaceWhere`` over the slice's partitions and files (rows of an earlier, partial read of
+    1. ``pairs``: one ``replaceWhere`` over the slice's partitions and files (rows of an earlier, partial read of
        a file are replaced; a new partition holds nothing to scan);
-    3. ``ingest_log``: the files' final status. Until then a file is not ``ok``, and a rerun reads it again into
-       the partition named in step 1, replacing whatever step 2 left there.
+    2. ``ingest_log``: the files' final status. Until then a file is not ``ok``, and a rerun reads it again into
+       the same partition, replacing whatever step 1 left there.
     """
     files = list(batches)
-    if new_files:  # a file read before already has its row, and with it its partition
-        markers = spark.createDataFrame([(f, batches[f]) for f in new_files], "source_file string, ingest_batch string")
-        append(_started_rows(markers, result.run_id), lake, INGEST_LOG)
     with staged(extract_dataframe(spark, files, config.extract), lake, "extract") as extracted:
-        output = extracted.unionByName(_statuses_of_unread_files(spark, extracted, files))
+        # One status row per file that was read: as many rows as the slice has files, not data.
+        statuses = [row.asDict() for row in extracted.where(F.col("kind") == STATUS).select(*_STATUS_COLUMNS).collect()]
+        reported = {row["source_file"] for row in statuses}
+        statuses += [_unread_status(f) for f in files if f not in reported]
         condition = f"{sql_in('ingest_batch', sorted(set(batches.values())))} AND {sql_in('source_file', files)}"
-        pairs = pairs_from_output(output).withColumn("ingest_batch", _batch_of_file(batches))
+        pairs = pairs_from_output(extracted).withColumn("ingest_batch", _batch_of_file(batches))
         replace_where(pairs.select(*PAIRS_SCHEMA.names), lake, PAIRS, condition)
-        statuses = ingest_log_from_output(output, result.run_id).withColumn("ingest_batch", _batch_of_file(batches))
-        replace_where(statuses.select(*INGEST_LOG_SCHEMA.names), lake, INGEST_LOG, sql_in("source_file", files))
-        _collect_totals(output, result, totals)
+    finished_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    log_rows = [
+        tuple({**row, "run_id": result.run_id, "finished_at": finished_at, "ingest_batch": batches[row["source_file"]]}[name]
+              for name in INGEST_LOG_SCHEMA.names)
+        for row in statuses
+    ]  # fmt: skip
+    replace_where(spark.createDataFrame(log_rows, INGEST_LOG_SCHEMA), lake, INGEST_LOG, sql_in("source_file", files))
+    _add_totals(statuses, result, totals)
 
 
 def extract_dataframe(spark: SparkSession, files: list[str], config: ExtractConfig) -> DataFrame:
@@ -248,20 +264,16 @@ def _logged_files(spark: SparkSession, lake: str, files: list[str]) -> dict[str,
     return {row.source_file: (row.status, row.ingest_batch) for row in logged.collect()}
 
 
-def _collect_totals(output: DataFrame, result: ExtractResult, totals: dict[str, int]) -> None:
-    statuses = output.where(F.col("kind") == STATUS)
-    sums = [F.sum(name).alias(name) for name in ("records_read", "pairs_emitted", *totals)]
-    for row in statuses.groupBy("status").agg(F.count("*").alias("files"), *sums).collect():
-        name = f"files_{row.status}"
-        setattr(result, name, getattr(result, name) + row.files)
-        result.records_read += row.records_read or 0
-        result.pairs_written += row.pairs_emitted or 0
-        for name in totals:
-            totals[name] += row[name] or 0
-    room = _PROBLEMS_SHOWN - len(result.problems)
-    if room > 0:
-        problems = statuses.where(F.col("status") != "ok").select("source_file", "status", "error").limit(room)
-        result.problems += [(r.source_file, r.status, r.error) for r in problems.collect()]
+def _add_totals(statuses: list[dict], result: ExtractResult, totals: dict[str, int]) -> None:
+    for row in statuses:
+        name = f"files_{row['status']}"
+        setattr(result, name, getattr(result, name) + 1)
+        result.records_read += row["records_read"] or 0
+        result.pairs_written += row["pairs_emitted"] or 0
+        for key in totals:
+            totals[key] += row[key] or 0
+        if row["status"] != "ok" and len(result.problems) < _PROBLEMS_SHOWN:
+            result.problems.append((row["source_file"], row["status"], row["error"]))
 
 
 def _extract_with_binary_file(
@@ -299,15 +311,11 @@ def _extract_file_by_index(batches, files: list[str], extract) -> Iterator[pa.Re
         yield from extract(iter([pa.RecordBatch.from_arrays([sources], names=["source_file"])]))
 
 
-def _statuses_of_unread_files(spark: SparkSession, output: DataFrame, files: list[str]) -> DataFrame:
-    """A ``failed`` status row for every file that got none (Spark skipped it as unreadable)."""
-    reported = output.where(F.col("kind") == STATUS).select("source_file")
-    unread = spark.createDataFrame([(f,) for f in files], "source_file string").join(
-        reported, "source_file", "left_anti"
-    )
-    return _failed_status_rows(
-        unread.withColumn("error", F.lit("Spark could not read the file (see the executor log)"))
-    )
+def _unread_status(source_file: str) -> dict:
+    """The ``failed`` status of a file that got no status row (Spark skipped it as unreadable)."""
+    row = {name: 0 for name in _STATUS_COLUMNS if name not in ("source_file", "status", "error", "duration_s")}
+    error = "Spark could not read the file (see the executor log)"
+    return {**row, "source_file": source_file, "status": "failed", "error": error, "duration_s": 0.0}
 
 
 def _failed_status_rows(files: DataFrame) -> DataFrame:
