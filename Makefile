@@ -55,6 +55,7 @@ bench: setup
 	$(PY) bench/candidates.py
 	$(PY) bench/download.py
 	$(PY) bench/score.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf .cache/demo spark-warehouse metastore_db derby.log .pytest_cache
