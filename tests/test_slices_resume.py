@@ -25,12 +25,14 @@ import laion_spark.download.stage as download_stage
 import laion_spark.extract.stage as extract_stage
 import laion_spark.score.stage as score_stage
 from laion_spark.candidates.stage import run_candidates
+from laion_spark.cli import main
 from laion_spark.config import Config, load_config
 from laion_spark.download.stage import run_download
 from laion_spark.extract.stage import run_extract
 from laion_spark.schemas import CANDIDATES, DATASET, EMBEDDINGS, IMAGES, INGEST_LOG, PAIRS
 from laion_spark.score.stage import run_score
-from laion_spark.storage import read_table, table_exists, table_ref
+from laion_spark.storage import append, read_table, table_exists, table_ref
+from laion_spark.storage.delta import LakeLayoutError
 from laion_spark.testing.sample_crawl import write_sample_crawl
 from laion_spark.testing.server import serve_synthetic_images
 from laion_spark.testing.tiny_clip import ensure_tiny_clip
@@ -241,3 +243,21 @@ def test_a_run_sigkilled_mid_download_resumes_and_ends_as_one_clean_run(
     assert refetched, "the rerun fetched the slices the killed run had not committed"
     assert not refetched & {urlsplit(url).path for url in committed_urls}, "no committed URL was fetched again"
     assert_same_tables(spark, lake, clean_lake)
+
+
+def test_a_lake_from_before_slices_is_one_clear_error(spark, tmp_path: Path, capsys):
+    """ingest_log and images without their slice columns, as an older laion_spark wrote them."""
+    lake = str(tmp_path / "old")
+    old_log = spark.createDataFrame([("a.wat.gz", "ok")], "source_file string, status string")
+    append(old_log, lake, INGEST_LOG)
+    archive = tmp_path / "a.wat.gz"
+    archive.write_bytes(b"")
+    code = main(["extract", "--lake", lake, "--input", str(archive)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "table 'ingest_log'" in err and "no column ingest_batch" in err and "Traceback" not in err
+
+    old_images = spark.createDataFrame([("u", "success")], "uid string, status string")
+    append(old_images, lake, IMAGES)
+    with pytest.raises(LakeLayoutError, match="table 'images' .* no column fetch_batch"):
+        read_table(spark, lake, IMAGES)

@@ -24,7 +24,16 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from laion_spark.schemas import BOOKMARKS, BOOKMARKS_SCHEMA, PARTITION_COLUMNS, SCHEMAS, TABLE_PROPERTIES
+from laion_spark.config import ConfigError
+from laion_spark.schemas import (
+    BOOKMARKS,
+    BOOKMARKS_SCHEMA,
+    IMAGES,
+    INGEST_LOG,
+    PARTITION_COLUMNS,
+    SCHEMAS,
+    TABLE_PROPERTIES,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -155,9 +164,34 @@ def read_table(spark: SparkSession, lake: str, name: str, missing_ok: bool = Fal
             return spark.createDataFrame([], SCHEMAS[name])
         where = f"{lake}.{name}" if is_catalog_lake(lake) else table_path(lake, name)
         raise FileNotFoundError(f"no Delta table '{name}' at {where}: run the stage that writes it first")
-    if is_catalog_lake(lake):
-        return spark.table(f"{lake}.{name}")
-    return spark.read.format("delta").load(table_path(lake, name))
+    table = (
+        spark.table(f"{lake}.{name}")
+        if is_catalog_lake(lake)
+        else spark.read.format("delta").load(table_path(lake, name))
+    )
+    _check_layout(table, lake, name)
+    return table
+
+
+_SLICE_COLUMNS = {INGEST_LOG: ["ingest_batch"], IMAGES: ["fetch_batch"]}
+
+
+class LakeLayoutError(ConfigError):
+    """A table of the lake was written by an older laion_spark, without a column the stages now need (a usage
+    error, like a wrong config: the CLI prints it in one line and exits 2)."""
+
+
+def _check_layout(table: DataFrame, lake: str, name: str) -> None:
+    """The slice columns came with resumable slices: a lake from before lacks them in ``ingest_log`` (which extract
+    reads first) and ``images`` (which download and score read). Say so once, not as an analysis error deep inside
+    a stage. (``pairs`` is left alone: candidates reads frames of pairs without the column too.)"""
+    missing = [c for c in _SLICE_COLUMNS.get(name, []) if c not in table.columns]
+    if missing:
+        raise LakeLayoutError(
+            f"table '{name}' of lake {lake} has no column {', '.join(missing)}: it was written by a laion_spark "
+            'from before resumable slices (README, "Crawl scale"). Run the pipeline into a new lake; the old '
+            "one stays readable as it is."
+        )
 
 
 def read_table_version(spark: SparkSession, lake: str, name: str, version: int) -> DataFrame:
