@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -185,7 +186,27 @@ def _timed(call, sampler: MemorySampler | None):
     started = time.perf_counter()
     result = call()
     seconds = time.perf_counter() - started
-    return seconds, sampler.take_peaks_mb() if sampler is not None else {}, result
+    peaks = sampler.take_peaks_mb() if sampler is not None else {}
+    if sampler is not None:
+        peaks["jvm_live"] = _jvm_live_heap_mb()
+    return seconds, peaks, result
+
+
+def _jvm_live_heap_mb() -> float:
+    """The driver JVM's heap in use right after a full GC (jcmd): what the stage left live. The PSS peak above
+    also counts heap the JVM has touched and not yet collected, which grows toward spark.driver.memory with the
+    bytes allocated, whatever stays live; this one grows only if something is kept."""
+    jvms = [pid for pid in _descendants(os.getpid()) if _kind_and_pss_kb(pid)[0] == "jvm"]
+    if not jvms or shutil.which("jcmd") is None:
+        return float("nan")
+    pid = str(jvms[0])
+    try:
+        subprocess.run(["jcmd", pid, "GC.run"], capture_output=True, timeout=60, check=True)
+        info = subprocess.run(["jcmd", pid, "GC.heap_info"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return float("nan")
+    match = re.search(r"total \d+K, used (\d+)K", info)
+    return int(match.group(1)) / 1024 if match else float("nan")
 
 
 def run_one_scale(scale: int, files: list[str], incremental: str, warm_up: str, port: int) -> dict:
@@ -283,6 +304,15 @@ def report(results: list[dict], base_files: int, pairs_per_file: int, images: in
         peaks = [r["stages"][stage]["peak_mb"] for r in results]
         text = "".join(f"{p['total']:>7,.0f} ({p['jvm']:>4,.0f} /{p['workers']:>4,.0f})" for p in peaks)
         ratio = peaks[-1]["total"] / peaks[0]["total"]
+        print(f"{stage:<12}{text}{ratio:>9.2f}  <= {MEMORY_TARGET}  {_verdict(ratio, MEMORY_TARGET)}")
+
+    print("\ndriver JVM heap live after each stage (MB, after a full GC; jcmd GC.heap_info)")
+    columns = "".join(f"{str(s) + 'x':>10}" for s in scales)
+    print(f"{'stage':<12}{columns}{ratio_name:>9}  target")
+    for stage in STAGES:
+        live = [r["stages"][stage]["peak_mb"].get("jvm_live", float("nan")) for r in results]
+        ratio = live[-1] / live[0] if live[0] else float("nan")
+        text = "".join(f"{value:>10,.0f}" for value in live)
         print(f"{stage:<12}{text}{ratio:>9.2f}  <= {MEMORY_TARGET}  {_verdict(ratio, MEMORY_TARGET)}")
 
     small, large = first["incremental"], last["incremental"]
