@@ -243,7 +243,85 @@ def build_parser() -> argparse.ArgumentParser:
     funnel = stages.add_parser("funnel", help="print rows in and out of every stage's steps (latest run of each)")
     _add_common(funnel)
     funnel.set_defaults(handler=_run_funnel)
+
+    export = stages.add_parser(
+        "export",
+        help="dataset -> files its consumers read: LAION parquet, WebDataset shards, clip-retrieval embeddings",
+        description="Write the 'dataset' table in a format other tools read, incrementally: a rerun adds files for\n"
+        "the rows that are new since the last export to OUT and leaves the files already there alone.\n"
+        "  laion       LAION-400M's released parquet columns (SAMPLE_ID, URL, TEXT, LICENSE, NSFW, similarity, ...)\n"
+        "  laion5b     LAION-5B's columns (URL, TEXT, WIDTH, HEIGHT, similarity, hash, punsafe, pwatermark, LANGUAGE)\n"
+        "  webdataset  img2dataset's layout: {shard:05d}.tar with {key}.jpg/.txt/.json, a .parquet and _stats.json\n"
+        "  embeddings  clip-retrieval's layout: img_emb/, text_emb/ (.npy) and metadata/ (.parquet), row-aligned",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(export)
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
+    export.add_argument("--out", required=True, metavar="URI", help="directory or object-store URI to write into")
+    export.add_argument(
+        "--rebuild", action="store_true", help="delete what OUT holds from earlier exports and write everything again"
+    )
+    export.set_defaults(handler=_run_export)
+
+    index = stages.add_parser(
+        "index",
+        help="embeddings of the dataset -> a faiss kNN index (image and text), built on Spark, incremental",
+        description="Build or update the kNN index of the dataset's image and text embeddings (index.path, default\n"
+        "<lake>/_index). The first build trains the quantizer on a sample and adds the vectors in Spark tasks, one\n"
+        "index shard each; later runs add the new rows as new shards and remove the rows that left the dataset.\n"
+        "The index type is chosen from the row count and index.max_memory_gb; manifest.json records it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(index)
+    index.add_argument("--rebuild", action="store_true", help="train and build the index again from scratch")
+    index.set_defaults(handler=_run_index)
+
+    search = stages.add_parser(
+        "search",
+        help="query the kNN index by text or image: top matches with similarity, url, caption and uid",
+        description="Embed the query with the open_clip model the lake was scored with (recorded in the index)\n"
+        "and print the nearest images. With --text and --image both, the two embeddings are averaged.",
+    )
+    _add_common(search)
+    search.add_argument("--text", help="a caption to search for")
+    search.add_argument("--image", metavar="PATH", help="an image file to search with")
+    search.add_argument("-k", type=_positive_int, default=20, help="how many matches (default: 20)")
+    search.add_argument(
+        "--modality",
+        choices=("image", "text"),
+        default="image",
+        help="search the image embeddings (default) or the caption embeddings",
+    )
+    search.set_defaults(handler=_run_search)
+
+    serve = stages.add_parser(
+        "serve",
+        help="an HTTP back end speaking clip-retrieval's API (/knn-service, /metadata, /indices-list)",
+        description="Serve the lake's kNN index over HTTP with clip-retrieval's back-end API, so that its front end\n"
+        "and ClipClient can point at it. Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    _add_common(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=1234, help="port (default: 1234; 0 picks a free one)")
+    serve.add_argument(
+        "--token",
+        help="require 'Authorization: Bearer TOKEN' on every request (default: $LAION_SPARK_SERVE_TOKEN if set)",
+    )
+    serve.set_defaults(handler=_run_serve)
     return parser
+
+
+EXPORT_FORMATS = ("laion", "laion5b", "webdataset", "embeddings")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive whole number")
+    return value
 
 
 def _run_extract(args: argparse.Namespace, config: Config) -> None:
@@ -328,6 +406,38 @@ def _run_funnel(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.report import format_funnel
 
     print(format_funnel(_spark(config), args.lake))
+
+
+def _run_export(args: argparse.Namespace, config: Config) -> None:
+    from laion_spark.export import run_export
+
+    print(run_export(_spark(config), config, args.lake, args.format, args.out, rebuild=args.rebuild).summary())
+
+
+def _run_index(args: argparse.Namespace, config: Config) -> None:
+    from laion_spark.index import run_index
+
+    print(run_index(_spark(config), config, args.lake, rebuild=args.rebuild).summary())
+
+
+def _run_search(args: argparse.Namespace, config: Config) -> int:
+    from laion_spark.index.search import format_matches, search_lake
+
+    if not args.text and not args.image:
+        print("laion-spark search: give --text, --image or both", file=sys.stderr)
+        return 2
+    matches = search_lake(config, args.lake, text=args.text, image_path=args.image, k=args.k, modality=args.modality)
+    print(format_matches(matches))
+    return 0
+
+
+def _run_serve(args: argparse.Namespace, config: Config) -> None:
+    import os
+
+    from laion_spark.index.serve import serve_forever
+
+    token = args.token if args.token is not None else os.environ.get("LAION_SPARK_SERVE_TOKEN") or None
+    serve_forever(config, args.lake, host=args.host, port=args.port, token=token)
 
 
 def _spark(config: Config):

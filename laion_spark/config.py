@@ -199,12 +199,55 @@ class ClipConfig:
 
 
 @dataclass
+class ExportConfig:
+    # Samples per WebDataset shard (img2dataset's number_sample_per_shard): every shard of a run but its last holds
+    # exactly this many.
+    samples_per_shard: int = 10_000
+    # Rows per file of the laion / laion5b parquet exports.
+    rows_per_file: int = 1_000_000
+    # Rows per img_emb / text_emb / metadata triple of the embeddings export (clip-retrieval's layout).
+    embeddings_per_file: int = 1_000_000
+
+
+@dataclass
+class IndexConfig:
+    # Where the kNN index lives: empty means <lake>/_index (a catalog lake needs a directory or URI here).
+    path: str = ""
+    # Memory the served index may take, in GB: with the row count it picks the index type (Flat, IVF-HNSW with
+    # flat vectors, IVF with 8-bit scalar quantization, IVF-PQ).
+    max_memory_gb: float = 16.0
+    # Up to this many vectors the index is exact (Flat).
+    flat_max_rows: int = 100_000
+    # At most this many vectors (a random sample of embeddings) train the IVF quantizer.
+    train_sample: int = 200_000
+    # Vectors per index shard: each shard is built by one Spark task.
+    vectors_per_shard: int = 1_000_000
+    # IVF lists probed per query (0: chosen from the list count and recorded beside the index).
+    nprobe: int = 0
+
+
+@dataclass
+class ServeConfig:
+    # Largest num_images a query may ask for.
+    max_results: int = 1000
+    # Largest request body, in bytes.
+    max_body_bytes: int = 8 * 1024 * 1024
+    # Whether POST /knn-service may fetch an image_url (through the download stage's SSRF guard).
+    allow_image_url: bool = False
+    # deduplicate drops a result whose embedding has at least this cosine similarity with a better one.
+    dedup_similarity: float = 0.98
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -48,3 +48,14 @@ def warcio_samples() -> Path:
     if not directory.is_dir():
         pytest.skip("../shared/samples/warcio is absent")
     return directory
+
+
+@pytest.fixture(scope="session")
+def demo_lake(spark, tmp_path_factory):
+    """The lake `make demo` builds (the bundled sample crawl through every stage, the tiny CLIP model), built
+    once per test run and shared by the tests of what comes after the pipeline (exports, index, search, serve).
+    Tests read it and write their outputs elsewhere; the returned config holds the tiny model's paths."""
+    from laion_spark.demo.__main__ import run_demo
+
+    workdir = tmp_path_factory.mktemp("demo")
+    return run_demo(workdir, models_dir=PROJECT_ROOT / ".cache" / "models")

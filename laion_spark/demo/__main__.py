@@ -11,16 +11,25 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import laion_spark
-from laion_spark.config import apply_override, load_config
+from laion_spark.config import Config, apply_override, load_config
 
 # Shipped inside the package, so that the demo runs from an installed wheel as well as from a checkout.
 DEFAULT_CONFIG = resources.files("laion_spark.demo").joinpath("demo.yaml")
 DEFAULT_MODELS_DIR = Path(".cache") / "models"
+
+
+@dataclass
+class DemoResult:
+    lake: str
+    config: Config  # the effective config, the tiny model's absolute paths included
+    run_id: str
+    funnel: str
 
 
 def run_demo(
@@ -28,7 +37,7 @@ def run_demo(
     config_path: Path | None = None,
     overrides: list[str] | None = None,
     models_dir: Path = DEFAULT_MODELS_DIR,
-) -> str:
+) -> DemoResult:
     from laion_spark.run import run_pipeline
     from laion_spark.schemas import DATASET
     from laion_spark.session import get_spark
@@ -69,7 +78,7 @@ def run_demo(
         server.shutdown()
     print(f"\n== funnel (run {run_id}) ==\n{funnel}")
     print(f"\nDelta tables are in {lake}; explore them with notebooks/explore_lake.ipynb")
-    return funnel
+    return DemoResult(str(lake), config, run_id, funnel)
 
 
 def main(argv: list[str] | None = None) -> int:
