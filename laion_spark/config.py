@@ -207,14 +207,16 @@ class ExportConfig:
     rows_per_file: int = 1_000_000
     # Rows per img_emb / text_emb / metadata triple of the embeddings export (clip-retrieval's layout).
     embeddings_per_file: int = 1_000_000
+    # Columns of the laion5b export: multi (laion2B-multi's, with LANGUAGE) or en (laion2B-en's, without it).
+    laion5b_columns: str = "multi"
 
 
 @dataclass
 class IndexConfig:
     # Where the kNN index lives: empty means <lake>/_index (a catalog lake needs a directory or URI here).
     path: str = ""
-    # Memory the served index may take, in GB: with the row count it picks the index type (Flat, IVF-HNSW with
-    # flat vectors, IVF with 8-bit scalar quantization, IVF-PQ).
+    # Memory the served index may take, in GB, the image and the text index together: with the row count it picks
+    # the index type (Flat, IVF-HNSW with flat vectors, IVF with 8-bit scalar quantization, IVF-PQ).
     max_memory_gb: float = 16.0
     # Up to this many vectors the index is exact (Flat).
     flat_max_rows: int = 100_000
@@ -222,8 +224,11 @@ class IndexConfig:
     train_sample: int = 200_000
     # Vectors per index shard: each shard is built by one Spark task.
     vectors_per_shard: int = 1_000_000
-    # IVF lists probed per query (0: chosen from the list count and recorded beside the index).
+    # IVF lists probed per query (0: the smallest power of two reaching target_recall, measured at build time on a
+    # held-out part of the training sample against exact search; recorded beside the index).
     nprobe: int = 0
+    # Recall@10 (against exact search) that the chosen nprobe must reach on the held-out sample.
+    target_recall: float = 0.95
 
 
 @dataclass
@@ -236,6 +241,12 @@ class ServeConfig:
     allow_image_url: bool = False
     # deduplicate drops a result whose embedding has at least this cosine similarity with a better one.
     dedup_similarity: float = 0.98
+    # The index's name in GET /indices-list and the indice_name requests give (empty: the lake's directory name).
+    index_name: str = ""
+    # A running server reads manifest.json again at most this often, in seconds, and loads a changed index.
+    reload_interval_s: float = 5.0
+    # A client that sends nothing for this many seconds in the middle of a request is disconnected.
+    client_timeout_s: float = 30.0
 
 
 @dataclass

@@ -58,4 +58,5 @@ def demo_lake(spark, tmp_path_factory):
     from laion_spark.demo.__main__ import run_demo
 
     workdir = tmp_path_factory.mktemp("demo")
-    return run_demo(workdir, models_dir=PROJECT_ROOT / ".cache" / "models")
+    # The pipeline only: the tests of exports, index and search run those themselves, each with its own settings.
+    return run_demo(workdir, models_dir=PROJECT_ROOT / ".cache" / "models", outputs=False)

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BUNDLE_DIR = ROOT / "deploy" / "databricks"
 EMR_DIR = ROOT / "deploy" / "emr"
 PIPELINE = ["extract", "candidates", "download", "score"]
+# The nightly Databricks job also keeps the kNN index up to date after score.
+BUNDLE_TASKS = [*PIPELINE, "index"]
 
 
 def setup_cfg() -> configparser.ConfigParser:
@@ -140,8 +142,8 @@ def test_bundle_tasks_are_cli_commands_with_options_and_config_keys_that_exist()
 
 def test_bundle_runs_the_stages_in_pipeline_order_and_scores_on_a_gpu_cluster():
     tasks = {task["task_key"]: task for task in bundle_tasks()}
-    assert list(tasks) == PIPELINE
-    for previous, stage in zip(PIPELINE, PIPELINE[1:], strict=False):
+    assert list(tasks) == BUNDLE_TASKS
+    for previous, stage in zip(BUNDLE_TASKS, BUNDLE_TASKS[1:], strict=False):
         assert [d["task_key"] for d in tasks[stage].get("depends_on", [])] == [previous]
     (job,) = bundle()["resources"]["jobs"].values()
     assert job["schedule"]["quartz_cron_expression"].split()[3:5] == ["*", "*"], "the job should run nightly"
@@ -163,7 +165,8 @@ def test_bundle_installs_the_wheel_it_builds_from_the_repository():
     project = (BUNDLE_DIR / artifact["path"]).resolve()
     assert artifact["type"] == "whl" and (project / "setup.cfg").is_file()
     assert re.search(r"pip wheel --no-deps (-w|--wheel-dir) dist \.$", artifact["build"])
-    clip = {Requirement(r).name: Requirement(r) for r in setup_cfg()["options.extras_require"]["clip"].split()}
+    extras = setup_cfg()["options.extras_require"]
+    clip = {Requirement(r).name: Requirement(r) for name in ("clip", "index") for r in extras[name].split()}
     for task in bundle_tasks():
         libraries = task.get("libraries", [])
         wheels = [(BUNDLE_DIR / lib["whl"]).resolve() for lib in libraries if "whl" in lib]
@@ -174,6 +177,8 @@ def test_bundle_installs_the_wheel_it_builds_from_the_repository():
                 assert extra.name in clip and extra.specifier == clip[extra.name].specifier, extra
         if task["task_key"] == "score":
             assert any("pypi" in lib and "open_clip" in lib["pypi"]["package"] for lib in libraries)
+        if task["task_key"] == "index":
+            assert any("pypi" in lib and "faiss" in lib["pypi"]["package"] for lib in libraries)
 
 
 # --- EMR steps and bootstrap action -------------------------------------------------------------------------

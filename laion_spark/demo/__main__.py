@@ -22,6 +22,7 @@ from laion_spark.config import Config, apply_override, load_config
 # Shipped inside the package, so that the demo runs from an installed wheel as well as from a checkout.
 DEFAULT_CONFIG = resources.files("laion_spark.demo").joinpath("demo.yaml")
 DEFAULT_MODELS_DIR = Path(".cache") / "models"
+DEMO_QUERY = "a yellow star on a beige background"
 
 
 @dataclass
@@ -37,6 +38,7 @@ def run_demo(
     config_path: Path | None = None,
     overrides: list[str] | None = None,
     models_dir: Path = DEFAULT_MODELS_DIR,
+    outputs: bool = True,
 ) -> DemoResult:
     from laion_spark.run import run_pipeline
     from laion_spark.schemas import DATASET
@@ -77,8 +79,28 @@ def run_demo(
     finally:
         server.shutdown()
     print(f"\n== funnel (run {run_id}) ==\n{funnel}")
+    webdataset = workdir / "export" / "webdataset"
+    if outputs:
+        _export_index_and_search(spark, config, str(lake), str(webdataset))
     print(f"\nDelta tables are in {lake}; explore them with notebooks/explore_lake.ipynb")
+    if outputs:
+        print(f"WebDataset shards are in {webdataset}; the kNN index is in {lake}/_index")
     return DemoResult(str(lake), config, run_id, funnel)
+
+
+def _export_index_and_search(spark, config: Config, lake: str, webdataset: str) -> None:
+    """What a user does with the lake next, as `laion-spark export / index / search` do it."""
+    from laion_spark.export import run_export
+    from laion_spark.index import run_index
+    from laion_spark.index.search import format_matches, search_lake
+
+    shutil.rmtree(webdataset, ignore_errors=True)
+    print("\n== export --format webdataset ==")
+    print(run_export(spark, config, lake, "webdataset", webdataset).summary())
+    print("\n== index ==")
+    print(run_index(spark, config, lake).summary())
+    print(f'\n== search --text "{DEMO_QUERY}" -k 5 ==')
+    print(format_matches(search_lake(config, lake, text=DEMO_QUERY, k=5)))
 
 
 def main(argv: list[str] | None = None) -> int:

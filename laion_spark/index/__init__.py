@@ -1,0 +1,49 @@
+"""The kNN index over the dataset's embeddings: built on Spark (``laion-spark index``), searched by ``search`` and
+``serve``.
+
+The Spark side (run_index, build_index) and the on-disk layout load on first use, so that importing this package
+imports no pyspark: search and serve run without a JVM.
+"""
+
+from laion_spark.index.choice import IndexChoice, IndexChoiceError, choose_index
+
+_LAZY = {
+    "BuildReport": "laion_spark.index.build",
+    "IndexResult": "laion_spark.index.build",
+    "build_index": "laion_spark.index.build",
+    "indexable_rows": "laion_spark.index.build",
+    "run_index": "laion_spark.index.build",
+    "IndexMissing": "laion_spark.index.layout",
+    "Manifest": "laion_spark.index.layout",
+    "ModelRef": "laion_spark.index.layout",
+    "Shard": "laion_spark.index.layout",
+    "index_location": "laion_spark.index.layout",
+    "read_manifest": "laion_spark.index.layout",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "BuildReport",
+    "IndexChoice",
+    "IndexChoiceError",
+    "IndexMissing",
+    "IndexResult",
+    "Manifest",
+    "ModelRef",
+    "Shard",
+    "build_index",
+    "choose_index",
+    "index_location",
+    "indexable_rows",
+    "read_manifest",
+    "run_index",
+]

@@ -1,0 +1,209 @@
+"""What a Spark task does to an index shard: build one from the trained empty index, or rewrite one without some ids.
+
+Runs in Python workers (mapInArrow / applyInPandas): faiss, numpy and pyarrow, a batch at a time, no pyspark
+import but TaskContext. Files go through :class:`~laion_spark.storage.outputs.OutputDir`, so a task writes to the
+index directory by URI (local, object store) and every file appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from laion_spark.index.layout import METADATA_COLUMNS, MODALITIES, Shard
+from laion_spark.index.train import add_vectors
+from laion_spark.storage.outputs import OutputDir
+
+# The embeddings' columns, by modality, in the rows the tasks receive.
+VECTOR_COLUMNS = {"image": "image_embedding", "text": "text_embedding"}
+# One row back to the driver per shard built: all it needs to write the manifest.
+BUILT_SCHEMA = "number int, shard string, count long, duplicates long"
+# One row back per shard rewritten without some ids; new is "" when no vector was left.
+REWRITTEN_SCHEMA = "old string, new string, count long, removed long"
+TRAINED_PATH = "trained/{modality}.faiss"
+
+
+def metadata_schema() -> pa.Schema:
+    return pa.schema([(name, pa.type_for_alias(type_name)) for name, type_name in METADATA_COLUMNS])
+
+
+def vectors_from_arrow(column: pa.Array | pa.ChunkedArray, d: int, what: str = "embedding") -> np.ndarray:
+    """A list<float> column as an (n, d) float32 matrix, through the list's flat values buffer (no Python object
+    per row)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise ValueError(f"{column.null_count} row(s) have no {what}")
+    lengths = np.diff(np.asarray(column.offsets))
+    if len(lengths) and (lengths.min() != d or lengths.max() != d):
+        raise ValueError(f"{what} of dimension {int(lengths.min())}..{int(lengths.max())} where {d} was expected")
+    values = column.flatten()  # honours the slice's offset, unlike .values
+    if values.type != pa.float32():
+        values = values.cast(pa.float32())
+    return np.ascontiguousarray(values.to_numpy(zero_copy_only=False).reshape(len(column), d))
+
+
+def limit_threads() -> int:
+    """One faiss (OpenMP) thread per core Spark gave the task (spark.task.cpus), so that concurrent tasks on an
+    executor do not oversubscribe it; outside a task, faiss's default. Returns the thread count."""
+    import faiss
+
+    try:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+    except ImportError:
+        context = None
+    if context is None:
+        return faiss.omp_get_max_threads()
+    cpus = max(1, int(context.cpus() or 1))
+    faiss.omp_set_num_threads(cpus)
+    return cpus
+
+
+def write_index(directory: OutputDir, path: str, index) -> None:
+    """Stream a faiss index into ``path`` (atomically), without a second in-memory copy of it."""
+    import faiss
+
+    def write(stream) -> None:
+        writer = faiss.PyCallbackIOWriter(stream.write)
+        faiss.write_index(index, writer)
+        del writer  # flushes its buffer into the stream
+
+    directory.publish(path, write)
+
+
+def read_index(directory: OutputDir, path: str):
+    import faiss
+
+    with directory.filesystem.open_input_stream(directory.path(path)) as stream:
+        return faiss.read_index(faiss.PyCallbackIOReader(stream.read))
+
+
+def write_metadata(directory: OutputDir, path: str, table: pa.Table) -> None:
+    import pyarrow.parquet as pq
+
+    directory.publish(path, lambda stream: pq.write_table(table, stream))
+
+
+def read_metadata(directory: OutputDir, path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    with directory.filesystem.open_input_file(directory.path(path)) as stream:
+        return pq.read_table(stream)
+
+
+def metadata_of(batch: pa.RecordBatch, keep: np.ndarray | None = None) -> pa.Table:
+    """The metadata columns of ``batch`` (those it lacks are null), in the layout's types."""
+    schema = metadata_schema()
+    columns = []
+    for column_field in schema:
+        if column_field.name in batch.schema.names:
+            column = batch.column(column_field.name)
+            columns.append(column if column.type == column_field.type else column.cast(column_field.type))
+        else:
+            columns.append(pa.nulls(batch.num_rows, column_field.type))
+    table = pa.Table.from_arrays(columns, schema=schema)
+    return table if keep is None else table.filter(pa.array(keep))
+
+
+def shard_name(prefix: str, number: int) -> str:
+    return f"{prefix}-{number:05d}"
+
+
+@dataclass(frozen=True)
+class ShardBuilder:
+    """mapInArrow function: the rows of one partition become one shard, numbered ``first_number + partition``.
+
+    The partition's rows must include every row with the same id (the caller partitions by id): an id seen twice
+    (two pairs whose uids share their first 63 bits) is kept once, its first row, and counted.
+    """
+
+    directory: OutputDir
+    trained: dict[str, bytes]  # modality -> faiss.serialize_index of the trained, empty index
+    d: int
+    prefix: str
+    first_number: int
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import faiss
+        from pyspark import TaskContext
+
+        limit_threads()
+        context = TaskContext.get()
+        number = self.first_number + (context.partitionId() if context is not None else 0)
+        indexes = None
+        metadata: list[pa.Table] = []
+        seen: set[int] = set()
+        duplicates = 0
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if indexes is None:
+                indexes = {
+                    m: faiss.deserialize_index(np.frombuffer(self.trained[m], dtype=np.uint8)) for m in MODALITIES
+                }
+            ids = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            keep = _first_occurrences(ids, seen)
+            duplicates += len(ids) - int(keep.sum())
+            for modality in MODALITIES:
+                vectors = vectors_from_arrow(batch.column(VECTOR_COLUMNS[modality]), self.d, f"{modality} embedding")
+                if not keep.all():
+                    vectors = vectors[keep]
+                add_vectors(indexes[modality], vectors, ids[keep])
+            metadata.append(metadata_of(batch, None if keep.all() else keep))
+        if indexes is None:
+            return  # an empty partition: no shard
+        name = shard_name(self.prefix, number)
+        shard = Shard(name, int(indexes[MODALITIES[0]].ntotal))
+        for modality in MODALITIES:
+            write_index(self.directory, shard.path(modality), indexes[modality])
+        table = pa.concat_tables(metadata).sort_by("id")
+        write_metadata(self.directory, shard.metadata_path, table)
+        yield pa.RecordBatch.from_pydict(
+            {"number": [number], "shard": [name], "count": [shard.count], "duplicates": [duplicates]},
+            schema=pa.schema(
+                [("number", pa.int32()), ("shard", pa.string()), ("count", pa.int64()), ("duplicates", pa.int64())]
+            ),
+        )
+
+
+def _first_occurrences(ids: np.ndarray, seen: set[int]) -> np.ndarray:
+    keep = np.ones(len(ids), dtype=bool)
+    if len(np.unique(ids)) == len(ids) and seen.isdisjoint(ids.tolist()):
+        seen.update(ids.tolist())
+        return keep
+    for i, value in enumerate(ids.tolist()):
+        if value in seen:
+            keep[i] = False
+        else:
+            seen.add(value)
+    return keep
+
+
+def rewrite_shard(ids_to_remove: np.ndarray, old: Shard, new_name: str, directory: OutputDir) -> tuple[str, int, int]:
+    """Write ``old`` without ``ids_to_remove`` as shard ``new_name`` (nothing when no vector is left); the old files
+    stay, for readers of the current manifest. Returns (new name or "", vectors left, vectors removed)."""
+    import pyarrow.compute as pc
+
+    limit_threads()
+    ids = np.ascontiguousarray(ids_to_remove, dtype=np.int64)
+    indexes = {m: read_index(directory, old.path(m)) for m in MODALITIES}
+    removed = {m: int(indexes[m].remove_ids(ids)) for m in MODALITIES}
+    if len(set(removed.values())) != 1:
+        raise RuntimeError(f"shard {old.name}: removed {removed} vectors from the image and text indexes")
+    metadata = read_metadata(directory, old.metadata_path)
+    metadata = metadata.filter(pc.invert(pc.is_in(metadata.column("id"), value_set=pa.array(ids))))
+    left = int(indexes[MODALITIES[0]].ntotal)
+    if left != metadata.num_rows:
+        raise RuntimeError(f"shard {old.name}: {left} vectors but {metadata.num_rows} metadata rows after removal")
+    if left == 0:
+        return "", 0, removed[MODALITIES[0]]
+    new = Shard(new_name, left)
+    for modality in MODALITIES:
+        write_index(directory, new.path(modality), indexes[modality])
+    write_metadata(directory, new.metadata_path, metadata)
+    return new_name, left, removed[MODALITIES[0]]

@@ -1,0 +1,356 @@
+"""`laion-spark index`: a sharded faiss index over the demo lake's embeddings, built by Spark tasks, kept up to date
+incrementally (new rows added, deleted rows removed), and the index type chosen from the row count and budget."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from laion_spark.index import IndexChoiceError, choose_index, run_index
+from laion_spark.index.choice import FLAT, IVF_HNSW_FLAT, IVF_PQ, IVF_SQ8, pq_sizes
+from laion_spark.index.layout import MODALITIES, Manifest, Shard, read_manifest
+from laion_spark.index.shards import metadata_schema, read_index, rewrite_shard, write_index, write_metadata
+from laion_spark.index.train import add_vectors, train_index
+from laion_spark.schemas import DATASET, EMBEDDINGS, STAGE_STATS
+from laion_spark.storage import latest_version, read_table
+from laion_spark.storage.delta import table_path
+from laion_spark.storage.ids import sample_ids
+from laion_spark.storage.outputs import OutputDir
+
+pytestmark = pytest.mark.slow
+
+
+import os  # DEV-ONLY-BEGIN
+
+
+if os.environ.get("DEV_DEMO_LAKE"):
+
+    @pytest.fixture(scope="session")
+    def demo_lake():
+        from laion_spark.config import load_config
+        from laion_spark.demo.__main__ import DemoResult
+        from laion_spark.testing.tiny_clip import ensure_tiny_clip
+
+        config = load_config("laion_spark/demo/demo.yaml")
+        tiny = ensure_tiny_clip(Path(".cache/models/tiny-clip"))
+        config.clip.model_config, config.clip.pretrained = tiny["model_config"], tiny["pretrained"]
+        return DemoResult(os.environ["DEV_DEMO_LAKE"], config, "", "")  # DEV-ONLY-END
+
+
+@pytest.fixture
+def lake(demo_lake, tmp_path: Path) -> str:
+    """A copy of the demo lake: the index stage appends to its stage_stats, and some tests delete rows."""
+    copied = tmp_path / "lake"
+    shutil.copytree(demo_lake.lake, copied)
+    return str(copied)
+
+
+def index_config(demo_lake, tmp_path: Path, **settings):
+    config = copy.deepcopy(demo_lake.config)
+    config.index.path = str(tmp_path / "index")
+    for key, value in settings.items():
+        setattr(config.index, key, value)
+    return config
+
+
+def indexed_rows(spark, lake: str) -> dict[int, tuple[str, np.ndarray, np.ndarray]]:
+    """The test's own view of what must be indexed: id -> (uid, image embedding, text embedding)."""
+    embeddings = read_table(spark, lake, EMBEDDINGS).where("status = 'ok'")
+    rows = read_table(spark, lake, DATASET).select("uid").join(embeddings, "uid").collect()
+    vectors = {}
+    for row in rows:
+        (key,) = sample_ids([row.uid])
+        vectors[int(key)] = (row.uid, np.array(row.image_embedding, "float32"), np.array(row.text_embedding, "float32"))
+    return vectors
+
+
+def shard_files(directory: OutputDir, manifest: Manifest) -> list[str]:
+    return [path for shard in manifest.shards for path in (*(shard.path(m) for m in MODALITIES), shard.metadata_path)]
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def ids_in_index(directory: OutputDir, manifest: Manifest) -> dict[int, str]:
+    """id -> shard, from the metadata files; checks that each shard's faiss indexes hold the same ids."""
+    where = {}
+    for shard in manifest.shards:
+        ids = pq.read_table(directory.path(shard.metadata_path)).column("id").to_numpy()
+        assert len(ids) == shard.count and list(ids) == sorted(ids)
+        for modality in MODALITIES:
+            index = read_index(directory, shard.path(modality))
+            assert index.ntotal == shard.count
+        for key in ids:
+            assert int(key) not in where, f"id {key} in two shards"
+            where[int(key)] = shard.name
+    return where
+
+
+def assert_each_row_finds_itself(directory: OutputDir, manifest: Manifest, vectors: dict) -> None:
+    """Every shard, searched with faiss directly for each of its rows' own embedding, returns that row first."""
+    for shard in manifest.shards:
+        ids = pq.read_table(directory.path(shard.metadata_path)).column("id").to_numpy()
+        for modality, column in (("image", 1), ("text", 2)):
+            index = read_index(directory, shard.path(modality))
+            queries = np.stack([vectors[int(key)][column] for key in ids])
+            similarity, found = index.search(queries, 10)
+            assert np.allclose(similarity[:, 0], 1.0, atol=2e-2)
+            # The demo's synthetic images repeat (one drawing, several URLs): a row ties with its twins, if any.
+            for key, row_found, row_similarity in zip(ids, found, similarity, strict=True):
+                tied = row_found[row_similarity >= row_similarity[0] - 1e-5]
+                assert key in tied, f"{modality} shard {shard.name}: id {key} not first"
+
+
+def test_build_writes_the_layout_and_each_row_finds_itself(spark, demo_lake, lake, tmp_path):
+    config = index_config(demo_lake, tmp_path)
+    result = run_index(spark, config, lake)
+    directory = OutputDir(config.index.path)
+    manifest = read_manifest(directory)
+
+    vectors = indexed_rows(spark, lake)
+    assert result.action == "built" and manifest.index_type == FLAT and manifest.factory == "IDMap2,Flat"
+    assert manifest.count == len(vectors) == result.added > 0
+    assert all(directory.exists(path) for path in shard_files(directory, manifest))
+    assert set(ids_in_index(directory, manifest)) == set(vectors)
+    assert_each_row_finds_itself(directory, manifest, vectors)
+
+    metadata = pq.read_table(directory.path(manifest.shards[0].metadata_path))
+    assert metadata.schema.equals(metadata_schema())
+    dataset = {row.uid: row for row in read_table(spark, lake, DATASET).collect()}
+    for row in metadata.to_pylist():
+        assert row["caption"] == dataset[row["uid"]].text and row["url"] == dataset[row["uid"]].url
+        assert row["id"] == int(sample_ids([row["uid"]])[0])
+
+    assert manifest.dim == len(next(iter(vectors.values()))[1])
+    assert manifest.dataset_version == latest_version(spark, lake, DATASET)
+    assert manifest.embeddings_version == latest_version(spark, lake, EMBEDDINGS)
+    assert manifest.model.name == config.clip.model == "tiny-clip"
+    assert manifest.model.pretrained == config.clip.pretrained and Path(manifest.model.pretrained).is_absolute()
+    stats = read_table(spark, lake, STAGE_STATS).where(F.col("run_id") == result.run_id).collect()
+    assert {row.step for row in stats} >= {"with_ok_embedding", "added", "indexed"}
+    assert all(row.stage == "index" for row in stats)
+    assert "built Flat" in result.summary()
+
+
+def test_ivf_index_is_trained_and_built_in_several_shards_by_tasks(spark, demo_lake, lake, tmp_path):
+    config = index_config(demo_lake, tmp_path, flat_max_rows=10, vectors_per_shard=25)
+    result = run_index(spark, config, lake)
+    directory = OutputDir(config.index.path)
+    manifest = read_manifest(directory)
+
+    assert manifest.index_type == IVF_HNSW_FLAT and manifest.factory.startswith("IVF")
+    assert manifest.params["nlist"] >= 2 and manifest.nprobe >= 1
+    assert len(manifest.shards) == math.ceil(manifest.count / 25) == result.new_shards > 1
+    for modality in MODALITIES:
+        trained = read_index(directory, f"trained/{modality}.faiss")
+        assert trained.is_trained and trained.ntotal == 0
+        assert faiss.extract_index_ivf(trained).nprobe == manifest.nprobe
+    # Each shard carries the calibrated nprobe, so a reader needs nothing but the file to search it as intended.
+    first = read_index(directory, manifest.shards[0].path("image"))
+    assert faiss.extract_index_ivf(first).nprobe == manifest.nprobe
+    assert_each_row_finds_itself(directory, manifest, indexed_rows(spark, lake))
+
+
+def test_incremental_runs_remove_deleted_rows_add_new_ones_and_skip_when_nothing_changed(
+    spark, demo_lake, lake, tmp_path
+):
+    config = index_config(demo_lake, tmp_path, flat_max_rows=10, vectors_per_shard=25)
+    directory = OutputDir(config.index.path)
+    run_index(spark, config, lake)
+    before = read_manifest(directory)
+    where = ids_in_index(directory, before)
+    digests = file_digests(tmp_path / "index")
+    version_before_delete = latest_version(spark, lake, DATASET)
+
+    # Three rows of one shard and one row of another leave the dataset.
+    by_shard: dict[str, list[int]] = {}
+    for key, shard in sorted(where.items()):
+        by_shard.setdefault(shard, []).append(key)
+    first, second = sorted(by_shard)[:2]
+    removed_ids = by_shard[first][:3] + by_shard[second][:1]
+    vectors = indexed_rows(spark, lake)
+    removed_uids = [vectors[key][0] for key in removed_ids]
+    dataset = f"delta.`{table_path(lake, DATASET)}`"
+    spark.sql(f"DELETE FROM {dataset} WHERE uid IN ({', '.join(repr(uid) for uid in removed_uids)})")
+
+    result = run_index(spark, config, lake)
+    after = read_manifest(directory)
+    assert result.action == "updated" and result.removed == 4 and result.added == 0
+    assert result.rewritten_shards == 2
+    assert set(ids_in_index(directory, after)) == set(where) - set(removed_ids)
+    assert after.count == before.count - 4
+    untouched = [shard for shard in before.shards if shard.name not in (first, second)]
+    # In place: a rewritten shard gets a new name, the others keep theirs.
+    for old, new in zip(before.shards, after.shards, strict=True):
+        assert (new.name == old.name) == (old.name not in (first, second))
+    now = file_digests(tmp_path / "index")
+    for path in shard_files(directory, Manifest(**{**vars(before), "shards": untouched})):
+        assert now[path] == digests[path], f"{path} was rewritten"
+    for path in shard_files(
+        directory, Manifest(**{**vars(before), "shards": [s for s in before.shards if s.name in (first, second)]})
+    ):
+        assert path not in now, f"{path} of the replaced shard is still there"
+    for shard in after.shards:
+        for modality in MODALITIES:
+            _, found = read_index(directory, shard.path(modality)).search(
+                np.stack([vectors[key][1 if modality == "image" else 2] for key in removed_ids]), 5
+            )
+            assert not set(found.ravel()) & set(removed_ids)
+    assert after.dataset_version == latest_version(spark, lake, DATASET)
+
+    # The rows come back: one new shard, built from the trained index as it was (no retraining).
+    trained = {path: digest for path, digest in now.items() if path.startswith("trained/")}
+    spark.sql(
+        f"INSERT INTO {dataset} SELECT * FROM {dataset} VERSION AS OF {version_before_delete} "
+        f"WHERE uid IN ({', '.join(repr(uid) for uid in removed_uids)})"
+    )
+    result = run_index(spark, config, lake)
+    again = read_manifest(directory)
+    assert result.action == "updated" and result.added == 4 and result.removed == 0 and result.new_shards == 1
+    assert [s.name for s in again.shards[:-1]] == [s.name for s in after.shards]
+    assert again.shards[-1].count == 4
+    assert set(ids_in_index(directory, again)) == set(where)
+    assert {p: d for p, d in file_digests(tmp_path / "index").items() if p.startswith("trained/")} == trained
+    assert_each_row_finds_itself(directory, again, indexed_rows(spark, lake))
+
+    # Nothing new, nothing removed: no work, not a file touched.
+    settled = file_digests(tmp_path / "index")
+    result = run_index(spark, config, lake)
+    assert result.action == "unchanged" and "no work" in result.summary()
+    assert file_digests(tmp_path / "index") == settled
+
+
+def test_rebuild_starts_from_scratch_and_a_grown_flat_index_advises_it(spark, demo_lake, lake, tmp_path):
+    config = index_config(demo_lake, tmp_path)
+    directory = OutputDir(config.index.path)
+    first = run_index(spark, config, lake).manifest
+    assert first.index_type == FLAT
+
+    config.index.flat_max_rows = 10  # as if the lake had grown past what Flat was chosen for
+    spark.sql(f"DELETE FROM delta.`{table_path(lake, DATASET)}` WHERE uid = '{first_uid(directory, first)}'")
+    result = run_index(spark, config, lake)
+    assert result.manifest.index_type == FLAT and "--rebuild" in result.rebuild_advice
+    assert "advice" in result.summary()
+
+    rebuilt = run_index(spark, config, lake, rebuild=True)
+    assert rebuilt.action == "built" and rebuilt.manifest.index_type == IVF_HNSW_FLAT and not rebuilt.rebuild_advice
+    names = {shard.name for shard in rebuilt.manifest.shards}
+    assert names.isdisjoint(shard.name for shard in first.shards)
+    assert {path.stem for path in (Path(config.index.path) / "image").iterdir()} == names
+
+
+def first_uid(directory: OutputDir, manifest: Manifest) -> str:
+    return pq.read_table(directory.path(manifest.shards[0].metadata_path)).column("uid")[0].as_py()
+
+
+def test_the_driver_receives_no_embeddings_but_the_bounded_training_sample(
+    spark, demo_lake, lake, tmp_path, monkeypatch
+):
+    """Everything that brings rows to the driver goes through these DataFrame methods: record what each returns."""
+    received: list[tuple[str, bool, int]] = []
+
+    def recording(name: str):
+        original = getattr(DataFrame, name)
+
+        def method(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            has_vectors = any(field.dataType.simpleString() == "array<float>" for field in self.schema.fields)
+            received.append((name, has_vectors, result.num_rows if name == "toArrow" else len(result)))
+            return result
+
+        return method
+
+    for name in ("collect", "toArrow", "toPandas"):
+        monkeypatch.setattr(DataFrame, name, recording(name))
+    monkeypatch.setattr(DataFrame, "toLocalIterator", lambda *_: pytest.fail("toLocalIterator on the driver"))
+
+    config = index_config(demo_lake, tmp_path, flat_max_rows=10, vectors_per_shard=25, train_sample=40)
+    result = run_index(spark, config, lake)
+    monkeypatch.undo()
+
+    with_vectors = [call for call in received if call[1]]
+    assert with_vectors == [("toArrow", True, 40)], received  # the training sample, and it is train_sample rows
+    assert result.manifest.count > 40
+    assert sum(rows for _, _, rows in received) <= 40 + 2 * len(result.manifest.shards) + 10
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "max_memory_gb", "train_sample", "expected_type", "expected_nlist"),
+    [
+        (1_000, 512, 16.0, 200_000, FLAT, 0),
+        (100_000, 512, 16.0, 200_000, FLAT, 0),  # flat_max_rows is inclusive
+        (1_000_000, 512, 16.0, 200_000, IVF_HNSW_FLAT, 4096),  # 4 * sqrt(1M) = 4000 -> 4096
+        (1_000_000, 512, 16.0, 10_000, IVF_HNSW_FLAT, 128),  # 9,000 training vectors fill 128 lists of 39+
+        (1_000_000, 512, 2.0, 200_000, IVF_SQ8, 4096),  # 2 GB flat vectors per modality do not fit 1 GB
+        (100_000_000, 512, 16.0, 200_000, IVF_PQ, 4096),
+        (100_000_000, 768, 16.0, 200_000, IVF_PQ, 4096),
+    ],
+)
+def test_index_type_follows_row_count_and_memory_budget(
+    n, d, max_memory_gb, train_sample, expected_type, expected_nlist
+):
+    choice = choose_index(n, d, max_memory_gb, flat_max_rows=100_000, train_sample=train_sample)
+    assert choice.index_type == expected_type
+    assert choice.nlist == expected_nlist
+    assert choice.estimated_bytes <= choice.budget_bytes == int(max_memory_gb * 1e9 / 2)
+    if expected_nlist:
+        assert choice.train_rows >= 39 * choice.nlist and choice.train_rows + choice.calibration_rows <= train_sample
+    if expected_type == IVF_PQ:
+        assert d % choice.pq_m == 0 and f"PQ{choice.pq_m}x8" in choice.factory
+        # the largest m that fits: the next larger divisor would not
+        larger = [m for m in pq_sizes(d) if m > choice.pq_m]
+        assert not larger or n * (min(larger) + 8) > choice.budget_bytes
+
+
+def test_an_index_that_fits_nowhere_is_a_config_error():
+    with pytest.raises(IndexChoiceError, match="max_memory_gb"):
+        choose_index(10_000_000_000, 512, 16.0, flat_max_rows=100_000, train_sample=200_000)
+
+
+@pytest.mark.parametrize(
+    ("flat_max_rows", "max_memory_gb", "expected_type"),
+    [(3_000, 1.0, FLAT), (100, 1.0, IVF_HNSW_FLAT), (100, 0.0005, IVF_SQ8), (100, 0.00015, IVF_PQ)],
+)
+def test_remove_ids_works_on_every_index_type(tmp_path, flat_max_rows, max_memory_gb, expected_type):
+    """Each type, trained and filled as the build does it, then rewritten without some ids as a task does it."""
+    rng = np.random.default_rng(3)
+    d, n = 32, 3_000
+    centres = rng.standard_normal((40, d)).astype("float32")
+    vectors = centres[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, d)).astype("float32")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = rng.integers(0, 2**62, n).astype("int64")
+    choice = choose_index(n, d, max_memory_gb, flat_max_rows=flat_max_rows, train_sample=n)
+    assert choice.index_type == expected_type
+    index, calibration = train_index(choice, vectors, target_recall=0.9)
+    assert index.is_trained and (calibration is None) == (expected_type == FLAT)
+    add_vectors(index, vectors, ids)
+
+    directory = OutputDir(str(tmp_path))
+    old = Shard("old", n)
+    for modality in MODALITIES:
+        write_index(directory, old.path(modality), index)
+    write_metadata(directory, old.metadata_path, pa.table({"id": pa.array(np.sort(ids))}))
+    gone = ids[:100]
+    assert rewrite_shard(gone, old, "new", directory) == ("new", n - 100, 100)
+    for modality in MODALITIES:
+        rewritten = read_index(directory, Shard("new", n - 100).path(modality))
+        assert rewritten.ntotal == n - 100
+        _, found = rewritten.search(vectors[:100], 10)
+        assert not set(found.ravel().tolist()) & set(gone.tolist())
+    assert pq.read_table(directory.path("metadata/new.parquet")).num_rows == n - 100
