@@ -293,3 +293,18 @@ def test_cli_export_prints_its_summary(lake, tmp_path, capsys):
     code = main(["export", "--lake", lake, "--format", "webdataset", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "holds a laion5b export" in err and "Traceback" not in err
+
+
+def test_each_file_group_gets_a_task_of_its_own(spark):
+    from pyspark.sql import functions as F
+
+    from laion_spark.export.plan import one_task_per_group
+
+    groups = [3, 5, *range(10, 48)]  # gaps and all: the numbers a grown export writes
+    rows = spark.range(0, 400).select(
+        F.element_at(F.array(*[F.lit(g) for g in groups]), (F.col("id") % len(groups) + 1).cast("int")).alias("group"),
+        F.col("id").alias("position"),
+    )
+    placed = one_task_per_group(rows, groups).select("group", F.spark_partition_id().alias("task")).distinct().collect()
+    tasks_of = {row.group: row.task for row in placed}
+    assert sorted(tasks_of) == groups and sorted(tasks_of.values()) == list(range(len(groups)))

@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from laion_spark.index import IndexChoiceError, choose_index, run_index
@@ -148,25 +147,6 @@ def test_build_writes_the_layout_and_each_row_finds_itself(spark, demo_lake, lak
     assert "built Flat" in result.summary()
 
 
-def test_ivf_index_is_trained_and_built_in_several_shards_by_tasks(spark, demo_lake, lake, tmp_path):
-    config = index_config(demo_lake, tmp_path, flat_max_rows=10, vectors_per_shard=25)
-    result = run_index(spark, config, lake)
-    directory = OutputDir(config.index.path)
-    manifest = read_manifest(directory)
-
-    assert manifest.index_type == IVF_HNSW_FLAT and manifest.factory.startswith("IVF")
-    assert manifest.params["nlist"] >= 2 and manifest.nprobe >= 1
-    assert len(manifest.shards) == math.ceil(manifest.count / 25) == result.new_shards > 1
-    for modality in MODALITIES:
-        trained = read_index(directory, f"trained/{modality}.faiss")
-        assert trained.is_trained and trained.ntotal == 0
-        assert faiss.extract_index_ivf(trained).nprobe == manifest.nprobe
-    # Each shard carries the calibrated nprobe, so a reader needs nothing but the file to search it as intended.
-    first = read_index(directory, manifest.shards[0].path("image"))
-    assert faiss.extract_index_ivf(first).nprobe == manifest.nprobe
-    assert_each_row_finds_itself(directory, manifest, indexed_rows(spark, lake))
-
-
 def test_incremental_runs_remove_deleted_rows_add_new_ones_and_skip_when_nothing_changed(
     spark, demo_lake, lake, tmp_path
 ):
@@ -259,14 +239,17 @@ def first_uid(directory: OutputDir, manifest: Manifest) -> str:
     return pq.read_table(directory.path(manifest.shards[0].metadata_path)).column("uid")[0].as_py()
 
 
-def test_the_driver_receives_no_embeddings_but_the_bounded_training_sample(
+def test_ivf_index_is_trained_on_a_bounded_sample_and_built_in_shards_by_tasks(
     spark, demo_lake, lake, tmp_path, monkeypatch
 ):
-    """Everything that brings rows to the driver goes through these DataFrame methods: record what each returns."""
+    """The driver collects no embeddings: every way a DataFrame brings rows to the driver is recorded (what it
+    returned, and whether it had vector columns) while the index builds. The one sample of embeddings it trains on
+    is bounded (index.train_sample rows), staged by a task as parquet and read back one column at a time."""
     received: list[tuple[str, bool, int]] = []
+    frame_class = type(spark.range(1))  # the session's implementation (classic or Connect), not the abstract class
 
     def recording(name: str):
-        original = getattr(DataFrame, name)
+        original = getattr(frame_class, name)
 
         def method(self, *args, **kwargs):
             result = original(self, *args, **kwargs)
@@ -277,17 +260,36 @@ def test_the_driver_receives_no_embeddings_but_the_bounded_training_sample(
         return method
 
     for name in ("collect", "toArrow", "toPandas"):
-        monkeypatch.setattr(DataFrame, name, recording(name))
-    monkeypatch.setattr(DataFrame, "toLocalIterator", lambda *_: pytest.fail("toLocalIterator on the driver"))
-
-    config = index_config(demo_lake, tmp_path, flat_max_rows=10, vectors_per_shard=25, train_sample=40)
+        monkeypatch.setattr(frame_class, name, recording(name))
+    monkeypatch.setattr(frame_class, "toLocalIterator", lambda *_: pytest.fail("toLocalIterator on the driver"))
+    config = index_config(demo_lake, tmp_path, flat_max_rows=10, vectors_per_shard=25, train_sample=80)
     result = run_index(spark, config, lake)
     monkeypatch.undo()
 
-    with_vectors = [call for call in received if call[1]]
-    assert with_vectors == [("toArrow", True, 40)], received  # the training sample, and it is train_sample rows
-    assert result.manifest.count > 40
-    assert sum(rows for _, _, rows in received) <= 40 + 2 * len(result.manifest.shards) + 10
+    directory = OutputDir(config.index.path)
+    manifest = read_manifest(directory)
+    assert manifest.count > 80 and manifest.params["sample_rows"] == 80
+    assert not [call for call in received if call[1]], received
+    assert sum(rows for _, _, rows in received) <= len(manifest.shards) + 10  # a few counts and one row per shard
+    assert sorted(path.name for path in Path(config.index.path).iterdir()) == [
+        "image",
+        "manifest.json",
+        "metadata",
+        "text",
+        "trained",
+    ]
+
+    assert manifest.index_type == IVF_HNSW_FLAT and manifest.factory == "IVF2_HNSW32,Flat"
+    assert manifest.params["nlist"] == 2 and manifest.params["train_rows"] == 80 and manifest.nprobe >= 1
+    assert len(manifest.shards) == math.ceil(manifest.count / 25) == result.new_shards > 1
+    for modality in MODALITIES:
+        trained = read_index(directory, f"trained/{modality}.faiss")
+        assert trained.is_trained and trained.ntotal == 0
+        assert faiss.extract_index_ivf(trained).nprobe == manifest.nprobe
+    # Each shard carries the calibrated nprobe: a reader needs nothing but the file to search it as intended.
+    first = read_index(directory, manifest.shards[0].path("image"))
+    assert faiss.extract_index_ivf(first).nprobe == manifest.nprobe
+    assert_each_row_finds_itself(directory, manifest, indexed_rows(spark, lake))
 
 
 @pytest.mark.parametrize(

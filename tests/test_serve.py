@@ -8,8 +8,15 @@ import copy
 import http.client
 import json
 import logging
+import os
+import queue
+import re
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +27,13 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from laion_spark.cli import build_parser
-from laion_spark.config import Config, apply_override
+from laion_spark.cli import build_parser, main
+from laion_spark.config import Config, ConfigError, apply_override
 from laion_spark.index.search import search_lake
 from laion_spark.index.serve import SearchServer, index_name, make_server
 from laion_spark.testing.server import serve_synthetic_images
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +246,9 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "message"), [case[1:] for case in BAD_REQUESTS],
-                         ids=[case[0] for case in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"), [case[1:] for case in BAD_REQUESTS], ids=[case[0] for case in BAD_REQUESTS]
+)
 def test_bad_requests_get_a_4xx_with_a_json_message(server, path, body, status, message):
     got, payload, headers = request(server, path, body)
     assert got == status, payload
@@ -253,8 +263,8 @@ def test_wrong_methods_get_405_with_allow(server):
         assert headers["Allow"].split(",")[0] in ("GET", "POST")
 
 
-def test_a_body_beyond_the_cap_is_refused_before_it_is_read(demo_lake, served_lake):
-    small = start(configured(demo_lake, "serve.max_body_bytes=1000"), served_lake)
+def test_a_body_beyond_the_cap_is_refused_before_it_is_read_and_a_stalled_one_times_out(demo_lake, served_lake):
+    small = start(configured(demo_lake, "serve.max_body_bytes=1000", "serve.client_timeout_s=0.5"), served_lake)
     try:
         host, port = small.server_address[:2]
         connection = http.client.HTTPConnection(host, port, timeout=10)
@@ -267,10 +277,26 @@ def test_a_body_beyond_the_cap_is_refused_before_it_is_read(demo_lake, served_la
         assert "serve.max_body_bytes" in json.loads(response.read())["message"]
         assert response.getheader("Connection") == "close"
         connection.close()
+        # curl's way: ask first (Expect: 100-continue); the answer is the refusal, not "100 Continue".
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        connection.putrequest("POST", "/knn-service")
+        connection.putheader("Content-Length", "5000")
+        connection.putheader("Expect", "100-continue")
+        connection.endheaders()
+        assert connection.getresponse().status == 413
+        connection.close()
         status, payload = knn(small, image=b64(b"x" * 2000))  # a real body over the cap
         assert status == 413
         status, payload, _ = request(small, "/knn-service", b"{}", headers={"Transfer-Encoding": "chunked"})
         assert status in (400, 411)
+        # A client that announces 100 bytes and stalls after 10 is answered 408 once client_timeout_s passes.
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        connection.putrequest("POST", "/knn-service")
+        connection.putheader("Content-Length", "100")
+        connection.endheaders(b'{"text": "')
+        response = connection.getresponse()
+        assert response.status == 408 and "client_timeout_s" in json.loads(response.read())["message"]
+        connection.close()
     finally:
         stop(small)
 
@@ -294,9 +320,20 @@ def test_a_token_is_required_on_every_request(demo_lake, served_lake, rows):
         stop(guarded)
 
 
-def test_it_binds_to_loopback_unless_told_otherwise(server):
+def test_it_binds_to_loopback_unless_told_otherwise(server, demo_lake, served_lake):
     assert server.server_address[0] == "127.0.0.1"
     assert build_parser().parse_args(["serve", "--lake", "lake"]).host == "127.0.0.1"
+    if not socket.has_ipv6:
+        return
+    try:
+        ipv6 = start(configured(demo_lake), served_lake, host="::1")
+    except ConfigError as exc:  # no IPv6 loopback on this machine
+        pytest.skip(str(exc))
+    try:
+        assert ipv6.server_address[0] == "::1"
+        assert request(ipv6, "/indices-list")[:2] == (200, ["demo-lake"])
+    finally:
+        stop(ipv6)
 
 
 def test_image_url_goes_through_the_ssrf_guard(demo_lake, served_lake):
@@ -414,3 +451,45 @@ def test_removed_pairs_never_appear_even_on_a_running_server(spark, demo_lake, s
 def _write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
+
+
+def test_serve_command_prints_its_url_serves_without_java_and_stops_on_ctrl_c(served_lake, tmp_path):
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = {**os.environ, "PATH": str(empty_bin), "JAVA_HOME": str(tmp_path / "no-java"), "SPARK_HOME": ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "laion_spark", "serve", "--lake", served_lake, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+    )
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+        first = lines.get(timeout=120)
+        assert "serving the kNN index" in first and "'demo-lake'" in first
+        url = re.search(r"http://127\.0\.0\.1:(\d+)", first)
+        assert url is not None, first
+        connection = http.client.HTTPConnection("127.0.0.1", int(url.group(1)), timeout=30)
+        connection.request("GET", "/indices-list")
+        assert json.loads(connection.getresponse().read()) == ["demo-lake"]
+        connection.close()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_with_a_model_that_is_not_available_is_one_line_exit_2(served_lake, tmp_path, capsys):
+    index_copy = tmp_path / "index"
+    shutil.copytree(Path(served_lake) / "_index", index_copy)
+    manifest = json.loads((index_copy / "manifest.json").read_text())
+    manifest["model"]["pretrained"] = str(tmp_path / "gone" / "tiny_clip.pt")
+    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+    code = main(["serve", "--lake", served_lake, "--set", f"index.path={index_copy}", "--port", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "does not exist" in err

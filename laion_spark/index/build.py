@@ -70,6 +70,7 @@ OK = "ok"
 # are too long for the nprobe calibrated then, or its type no longer fits the budget.
 REBUILD_GROWTH = 10
 SAMPLE_SEED = 17
+SAMPLE_PREFIX = "_sample-"  # the staged training sample's directory in the index directory, during a build
 
 
 @dataclass
@@ -173,7 +174,9 @@ def run_index(
     embeddings = read_table_version(spark, lake, EMBEDDINGS, embeddings_version)
     census = _census(dataset, embeddings)
     counter.add("with_ok_embedding", census["dataset_rows"], census["embedded_rows"])
-    model = model_ref(_one_model(census["models"], lake), config.clip)
+    # No embedded row left (every pair deleted): nothing to add, and the index keeps its model.
+    model_name = _one_model(census["models"], lake) or (previous.model.name if previous is not None else "")
+    model = model_ref(model_name, config.clip)
     rows = indexable_rows(dataset, embeddings)
 
     if previous is None:
@@ -235,10 +238,19 @@ def build_index(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     n = vectors.count() if count is None else count
-    d = _dimension(vectors)
-    choice = choose_index(n, d, settings.max_memory_gb, settings.flat_max_rows, settings.train_sample)
-    log.info("index: %s for %d vectors of dimension %d (%s)", choice.index_type, n, d, choice.factory)
-    trained, params = train_on_sample(vectors, choice, settings)
+    sample = None
+    try:
+        if n > settings.flat_max_rows:  # an IVF type, trained on a sample (which also gives the dimension)
+            sample = draw_sample(vectors, min(n, settings.train_sample), n, directory, f"{SAMPLE_PREFIX}{prefix}")
+            d = sample.dimension()
+        else:
+            d = _dimension(vectors)
+        choice = choose_index(n, d, settings.max_memory_gb, settings.flat_max_rows, settings.train_sample)
+        log.info("index: %s for %d vectors of dimension %d (%s)", choice.index_type, n, d, choice.factory)
+        trained, params = train_on_sample(sample, choice, settings)
+    finally:
+        if sample is not None:
+            directory.delete(sample.name)
     for modality in MODALITIES:
         directory.publish_bytes(TRAINED_PATH.format(modality=modality), trained[modality])
     seconds["train"] = time.perf_counter() - clock
@@ -263,9 +275,12 @@ def build_index(
     return BuildReport(manifest, duplicates, seconds)
 
 
-def train_on_sample(vectors: DataFrame, choice: IndexChoice, settings: IndexConfig) -> tuple[dict[str, bytes], dict]:
-    """The trained, empty index of each modality (serialised) and the manifest's params. For IVF types the driver
-    receives ``choice.sample_rows`` rows of embeddings at most: the only embeddings it ever sees."""
+def train_on_sample(
+    sample: StagedSample | None, choice: IndexChoice, settings: IndexConfig
+) -> tuple[dict[str, bytes], dict]:
+    """The trained, empty index of each modality (serialised) and the manifest's params. ``sample`` (from
+    :func:`draw_sample`; None for Flat) holds ``choice.sample_rows`` rows at most: the only embeddings the driver
+    ever sees, one modality at a time."""
     import faiss
 
     params: dict[str, Any] = choice.params()
@@ -281,7 +296,6 @@ def train_on_sample(vectors: DataFrame, choice: IndexChoice, settings: IndexConf
         blob = faiss.serialize_index(empty).tobytes()
         return {modality: blob for modality in MODALITIES}, params
 
-    sample = draw_sample(vectors, choice.sample_rows, choice.n)
     order = np.random.default_rng(SAMPLE_SEED).permutation(sample.num_rows)  # the held-out rows: any partition
     indexes, calibrations = {}, {}
     for modality in MODALITIES:
@@ -307,13 +321,52 @@ def train_on_sample(vectors: DataFrame, choice: IndexChoice, settings: IndexConf
     return {modality: faiss.serialize_index(index).tobytes() for modality, index in indexes.items()}, params
 
 
-def draw_sample(vectors: DataFrame, rows: int, n: int):
-    """A random sample of about ``rows`` rows of both embeddings, as an Arrow table (bounded by ``limit``)."""
-    fraction = min(1.0, 1.2 * rows / max(n, 1))  # a little over, so that the limit rather than chance sets the size
+@dataclass(frozen=True)
+class StagedSample:
+    """The training sample, written by Spark tasks into the index directory and read back on the driver with
+    pyarrow, ``rows`` rows at most and one column at a time. Collecting it instead (toArrow) would hold it several
+    times over in the driver's JVM: 200,000 rows of two 512-float embeddings (800 MB) exhaust a 4 GB heap."""
+
+    directory: OutputDir
+    name: str
+    rows: int
+
+    def _dataset(self):
+        import pyarrow.dataset as ds
+
+        # Spark's _SUCCESS and .crc files are skipped (pyarrow ignores names starting with _ and .).
+        return ds.dataset(self.directory.path(self.name), filesystem=self.directory.filesystem, format="parquet")
+
+    def column(self, name: str):
+        return self._dataset().head(self.rows, columns=[name]).column(name)
+
+    @property
+    def num_rows(self) -> int:
+        return min(self.rows, self._dataset().count_rows())
+
+    def dimension(self) -> int:
+        first = self._dataset().head(1, columns=list(VECTOR_COLUMNS.values()))
+        if first.num_rows == 0:
+            raise ConfigError("nothing to index: no row with embeddings")
+        image, text = (len(first.column(column)[0]) for column in VECTOR_COLUMNS.values())
+        if image != text or image < 1:
+            raise ValueError(f"image embeddings have dimension {image} and text embeddings {text}: they must match")
+        return image
+
+
+def draw_sample(vectors: DataFrame, rows: int, n: int, directory: OutputDir, name: str) -> StagedSample:
+    """A random sample of both embeddings, staged as parquet in ``directory``/``name``, of which the driver reads
+    ``rows`` rows at most."""
+    # A little over (four standard deviations of the binomial count), so that the limit rather than chance sets
+    # the size. The limit is the driver's read: a DataFrame limit would funnel the sample through one task (twice
+    # the time of the parallel write, measured on 200,000 x 512).
+    fraction = min(1.0, (rows + 4 * math.sqrt(rows) + 10) / max(n, 1))
     sample = vectors.select(*VECTOR_COLUMNS.values())
     if fraction < 1.0:
         sample = sample.sample(withReplacement=False, fraction=fraction, seed=SAMPLE_SEED)
-    return sample.limit(rows).toArrow()
+    # Uncompressed: float vectors do not compress, and the files live for one build.
+    sample.write.mode("overwrite").option("compression", "none").parquet(directory.uri_of(name))
+    return StagedSample(directory, name, rows)
 
 
 def add_shards(
@@ -387,6 +440,11 @@ def _update(
     duplicates = 0
     if add_count:
         clock = time.perf_counter()
+        if (d := _dimension(to_add)) != previous.dim:
+            raise ConfigError(
+                f"the index in {directory.uri} holds vectors of dimension {previous.dim}, new embeddings have {d}: "
+                "run `laion-spark index --rebuild`"
+            )
         trained = {m: _read_trained(directory, m) for m in MODALITIES}
         added_shards, duplicates = add_shards(
             to_add, trained, directory, previous.dim, prefix, len(removals), add_count, settings.vectors_per_shard
@@ -499,7 +557,20 @@ def delete_unreferenced(directory: OutputDir, manifest: Manifest) -> int:
         if name not in trained:
             directory.delete("trained", name)
             deleted += 1
-    return deleted + directory.remove_temporaries("trained") + directory.remove_temporaries()
+    deleted += directory.remove_temporaries("trained") + directory.remove_temporaries()
+    for name in _subdirectories(directory):
+        if name.startswith(SAMPLE_PREFIX):  # a killed build's training sample
+            directory.delete(name)
+            deleted += 1
+    return deleted
+
+
+def _subdirectories(directory: OutputDir) -> list[str]:
+    from pyarrow import fs as pafs
+
+    selector = pafs.FileSelector(directory.path(), allow_not_found=True)
+    infos = directory.filesystem.get_file_info(selector)
+    return [info.base_name for info in infos if info.type == pafs.FileType.Directory]
 
 
 def validate_settings(settings: IndexConfig) -> None:

@@ -25,6 +25,8 @@ import hmac
 import json
 import logging
 import os
+import socket
+import sys
 import threading
 import time
 import traceback
@@ -231,6 +233,7 @@ class SearchServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], service: SearchService, token: str | None):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET  # --host ::1 works too
         self.service = service
         self.token = token
         self.max_body_bytes = service.config.serve.max_body_bytes
@@ -246,6 +249,14 @@ class SearchServer(ThreadingHTTPServer):
         super().server_close()
         self.service.close()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up or stalled is routine for a server; anything else is logged with its trace.
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("connection from %s ended: %s", client_address, error)
+            return
+        log.error("unexpected error serving %s", client_address, exc_info=True)
+
 
 class SearchHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the front end and ClipClient send one request after another
@@ -259,6 +270,17 @@ class SearchHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
         log.info("%s %s", self.address_string(), format % args)
+
+    def handle_expect_100(self) -> bool:
+        # curl asks before sending a body over 1 KB: refuse an oversized one (or a missing token) before it comes.
+        self._body_read = False
+        try:
+            self._authorize()
+            self._check_length(self.headers.get("Content-Length"))
+        except ApiError as exc:
+            self._error(exc.status, exc.message)
+            return False
+        return super().handle_expect_100()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._handle("GET")
@@ -280,6 +302,7 @@ class SearchHandler(BaseHTTPRequestHandler):
 
     def do_OPTIONS(self) -> None:  # noqa: N802
         # A CORS preflight: browsers send it without credentials, so it needs no token (it returns no data).
+        self._body_read = not self._announces_body()
         path = urlsplit(self.path).path
         if path not in ROUTES:
             self._error(404, f"no such endpoint {path}; there are {', '.join(sorted(ROUTES))}")
@@ -297,7 +320,7 @@ class SearchHandler(BaseHTTPRequestHandler):
 
     def _handle(self, method: str) -> None:
         started = time.perf_counter()
-        self._body_read = method in ("GET", "HEAD")  # whether the connection can carry another request after ours
+        self._body_read = not self._announces_body()  # whether the connection can carry another request after ours
         try:
             self._authorize()
             path = urlsplit(self.path).path
@@ -344,13 +367,11 @@ class SearchHandler(BaseHTTPRequestHandler):
         declared = self.headers.get("Content-Length")
         if declared is None:
             raise ApiError(411, "a POST needs a Content-Length")
-        if not declared.strip().isdigit():
-            raise ApiError(400, f"bad Content-Length {declared!r}")
-        length = int(declared)
-        limit = self.server.max_body_bytes
-        if length > limit:
-            raise ApiError(413, f"the body is {length} bytes; this server takes at most {limit} (serve.max_body_bytes)")
-        body = self.rfile.read(length)
+        length = self._check_length(declared)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise ApiError(408, "the body did not arrive in time (serve.client_timeout_s)") from None
         if len(body) < length:
             raise ApiError(400, f"the body ended after {len(body)} of {length} bytes")
         self._body_read = True
@@ -362,6 +383,21 @@ class SearchHandler(BaseHTTPRequestHandler):
         if not isinstance(request, dict):
             raise ApiError(400, "the body must be a JSON object")
         return request
+
+    def _announces_body(self) -> bool:
+        declared = (self.headers.get("Content-Length") or "0").strip()
+        return bool(self.headers.get("Transfer-Encoding")) or declared != "0"
+
+    def _check_length(self, declared: str | None) -> int:
+        if declared is None:
+            return 0
+        if not declared.strip().isdigit():
+            raise ApiError(400, f"bad Content-Length {declared!r}")
+        length = int(declared)
+        limit = self.server.max_body_bytes
+        if length > limit:
+            raise ApiError(413, f"the body is {length} bytes; this server takes at most {limit} (serve.max_body_bytes)")
+        return length
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         body = json.dumps({"message": message}).encode("utf-8")
@@ -375,7 +411,8 @@ class SearchHandler(BaseHTTPRequestHandler):
             headers = {**headers, "Connection": "close"}
         self.send_response(status)
         self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Content-Length", str(len(body)))
+        if status != 204:  # a 204 has no body, and no Content-Length (RFC 9110)
+            self.send_header("Content-Length", str(len(body)))
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
@@ -391,7 +428,6 @@ def make_server(
     Raises :class:`~laion_spark.index.layout.IndexMissing` without an index and a ConfigError (ModelLoadError) when
     the index's model cannot be loaded, before binding anything.
     """
-    _set_torch_threads()
     service = SearchService(config, lake)
     try:
         return SearchServer((host, port), service, token or None)
@@ -414,6 +450,7 @@ def serve_forever(
     config: Config, lake: str, host: str = "127.0.0.1", port: int = 1234, token: str | None = None
 ) -> None:
     """Serve the lake's index until interrupted (Ctrl-C); prints the URL first."""
+    _set_torch_threads()
     server = make_server(config, lake, host, port, token)
     index = server.service.store.current()
     print(

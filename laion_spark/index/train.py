@@ -13,6 +13,12 @@ import numpy as np
 from laion_spark.index.choice import IndexChoice
 
 RECALL_AT = 10
+# nprobe is chosen to reach the target with this much to spare: held-out rows are a sample of 1,000 queries, whose
+# recall@10 moved by 0.015 between two draws of the same data (bench/index.py).
+CALIBRATION_MARGIN = 0.01
+# The calibration index holds at most this many training vectors: half the cost of 200,000 and the same nprobe on
+# bench/index.py's data (a smaller base would err on the side of more lists: 50,000 picked 4x the nprobe).
+MAX_CALIBRATION_BASE = 100_000
 # HNSW coarse quantizer (IVF-HNSW): how wide its graph search is. Assigning a vector to its list when it is added
 # needs one centroid, and a narrow search finds it nearly always; a query needs ``nprobe`` centroids, and the search
 # must be at least that wide to return them (faiss widens it to k anyway), twice that to find the right ones.
@@ -94,7 +100,9 @@ def train_index(choice: IndexChoice, sample: np.ndarray, target_recall: float, n
     held_out = min(choice.calibration_rows, len(sample) // 10)
     base, queries = sample[: len(sample) - held_out], sample[len(sample) - held_out :]
     index.train(base)
-    calibration = calibrate_nprobe(index, base, queries, target_recall, nprobe)
+    calibration = calibrate_nprobe(
+        index, base[:MAX_CALIBRATION_BASE], queries, min(1.0, target_recall + CALIBRATION_MARGIN), nprobe
+    )
     set_search_params(index, calibration.nprobe)
     return index, calibration
 
