@@ -12,11 +12,13 @@ reused. The same vectors serve as image and text embeddings, so both sides build
   the bounded training sample to the driver, training and nprobe calibration there (faiss on all N cores), then one
   task per shard adding vectors (one faiss thread each; ``index.vectors_per_shard`` = rows / N, so that every core
   builds a shard) and writing its files. Timed from the read to the manifest; the session is started before.
-* single process: the same faiss factory string and training sample size, in plain faiss calls: train, add, write
-  the index files. The vectors are already in memory (their parquet read is not timed): the floor.
+* single process: the same faiss factory string, training sample size and nprobe, in plain faiss calls on all N
+  cores: read the parquet (pyarrow), train, add, write the index files. The floor.
 
-Throughput per core is rows / (wall seconds x N) for both, so their ratio is single / Spark wall time; CPU seconds
-(for Spark: driver, JVM and Python workers together) are printed beside. Then recall@10 of the Spark-built, sharded
+Both go from the same parquet files to index files on disk. Throughput per core is rows / (wall seconds x N) for
+both, so their ratio is single / Spark wall time; the ratio without the single process's read (train + add + write
+only) is printed beside, and so are CPU seconds (for Spark: driver, JVM and Python workers together, which also
+counts the JVM's share of the cores). Then recall@10 of the Spark-built, sharded
 index at the parameters it chose against exact search (``faiss.knn``), on held-out queries drawn from the same
 mixture, and queries per second: a batch over all cores, and one query at a time on one thread.
 
@@ -132,14 +134,16 @@ def spark_build(directory: Path, out: Path, rows: int, cores: int) -> dict:
     return result
 
 
-def single_process_build(vectors: np.ndarray, ids: np.ndarray, manifest, out: Path) -> dict:
-    """Plain faiss: the factory string, training sample size and nprobe the Spark build used; train, add, write."""
+def single_process_build(data: Path, manifest, out: Path) -> dict:
+    """Plain faiss: the factory string, training sample size and nprobe the Spark build used; read, train, add,
+    write. Returns the timings and the vectors (for exact search)."""
     import faiss
 
     params = manifest.params
     rng = np.random.default_rng(SEED + 3)
     wall, cpu = time.perf_counter(), time.process_time()
-    phases = {}
+    ids, vectors = read_vectors(data, manifest.dim)
+    phases = {"read": time.perf_counter() - wall}
     for modality in ("image", "text"):
         started = time.perf_counter()
         index = faiss.index_factory(manifest.dim, manifest.factory, faiss.METRIC_INNER_PRODUCT)
@@ -162,7 +166,7 @@ def single_process_build(vectors: np.ndarray, ids: np.ndarray, manifest, out: Pa
         faiss.write_index(index, str(out / f"{modality}.faiss"))
         phases[f"{modality} write"] = time.perf_counter() - started
         del index
-    return dict(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu, phases=phases)
+    return dict(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu, phases=phases, vectors=vectors)
 
 
 def evaluate(out: Path, manifest, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> dict:
@@ -233,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         f"shards {len(manifest.shards)}  params: nlist {manifest.params.get('nlist')}, "
         f"train_rows {manifest.params.get('train_rows')}, held-out recall@10 {manifest.params.get('recall_at_10')}"
     )
-    ids, vectors = read_vectors(data, args.dim)
-    single = single_process_build(vectors, ids, manifest, single_out)
+    single = single_process_build(data, manifest, single_out)
+    vectors = single.pop("vectors")
     started = time.perf_counter()
     _, truth = faiss.knn(queries, vectors, 10, metric=faiss.METRIC_INNER_PRODUCT)
     exact_s = time.perf_counter() - started
@@ -244,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
     per_core = {name: rows / (side["wall_s"] * args.cores) for name, side in (("single", single), ("spark", spark))}
     ratio = single["wall_s"] / spark["wall_s"]
+    ratio_without_read = (single["wall_s"] - single["phases"]["read"]) / spark["wall_s"]
     print(f"  {'build':<16} {'wall s':>8} {'CPU s':>8} {'rows/s/core':>12}   phases")
     spark_phases = ", ".join(f"{k} {v:.1f} s" for k, v in spark["report"].seconds.items())
     single_phases = ", ".join(f"{k} {v:.1f} s" for k, v in single["phases"].items())
@@ -262,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores")
     verdicts = [
-        f"spark/single throughput per core {ratio:.2f} (target >= 0.8, CPU-seconds ratio "
-        f"{single['cpu_s'] / spark['cpu_s']:.2f})",
+        f"spark/single throughput per core {ratio:.2f} (target >= 0.8; {ratio_without_read:.2f} without the single "
+        f"process's read, {single['cpu_s'] / spark['cpu_s']:.2f} in CPU seconds)",
         f"recall@10 {quality['recall']:.3f} (target >= 0.95)",
     ]
     print("result: " + "; ".join(verdicts))

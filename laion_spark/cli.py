@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="laion-spark",
         description="Build a LAION-style image-text dataset from Common Crawl archives on Apache Spark.\n"
-        "Stages, in order: extract -> candidates -> download -> score; `run` runs them all.",
+        "Stages, in order: extract -> candidates -> download -> score; `run` runs them all.\n"
+        "Then what users consume: export (LAION parquet, WebDataset, clip-retrieval embeddings), index (faiss kNN),\n"
+        "search and serve (clip-retrieval's HTTP API).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=COMMON_HELP,
     )

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
+from laion_spark.config import ConfigError
 from laion_spark.index import IndexChoiceError, choose_index, run_index
 from laion_spark.index.choice import FLAT, IVF_HNSW_FLAT, IVF_PQ, IVF_SQ8, pq_sizes
 from laion_spark.index.layout import MODALITIES, Manifest, Shard, read_manifest
@@ -31,7 +32,6 @@ pytestmark = pytest.mark.slow
 
 
 import os  # DEV-ONLY-BEGIN
-
 
 if os.environ.get("DEV_DEMO_LAKE"):
 
@@ -233,6 +233,13 @@ def test_rebuild_starts_from_scratch_and_a_grown_flat_index_advises_it(spark, de
     names = {shard.name for shard in rebuilt.manifest.shards}
     assert names.isdisjoint(shard.name for shard in first.shards)
     assert {path.stem for path in (Path(config.index.path) / "image").iterdir()} == names
+
+
+def test_embeddings_of_two_models_are_one_clear_error(spark, demo_lake, lake, tmp_path):
+    uid = read_table(spark, lake, DATASET).orderBy("uid").first().uid
+    spark.sql(f"UPDATE delta.`{table_path(lake, EMBEDDINGS)}` SET model = 'ViT-B-32' WHERE uid = '{uid}'")
+    with pytest.raises(ConfigError, match="2 models .*ViT-B-32, tiny-clip"):
+        run_index(spark, index_config(demo_lake, tmp_path), lake)
 
 
 def first_uid(directory: OutputDir, manifest: Manifest) -> str:

@@ -37,6 +37,7 @@ from laion_spark.index.choice import FLAT, IndexChoice, IndexChoiceError, choose
 from laion_spark.index.layout import (
     MANIFEST,
     MODALITIES,
+    TRAINED_PATH,
     IndexMissing,
     Manifest,
     ModelRef,
@@ -48,7 +49,6 @@ from laion_spark.index.layout import (
 from laion_spark.index.shards import (
     BUILT_SCHEMA,
     REWRITTEN_SCHEMA,
-    TRAINED_PATH,
     VECTOR_COLUMNS,
     ShardBuilder,
     rewrite_shard,

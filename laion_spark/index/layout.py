@@ -13,6 +13,12 @@
 A shard is built by one Spark task and never modified in place: removing ids writes a new version of the shard
 under a new name, and the manifest then points at it. Files that no manifest names are garbage from an earlier
 version or a killed build, and the next build deletes them.
+
+Every shard of one modality is built from the same trained empty index (trained/<modality>.faiss; for Flat an empty
+``IDMap2,Flat``), so IVF shards share their coarse quantizer: a reader may search them one by one and merge the top
+k, or merge them into one index when it loads them (``IndexIVF.merge_from(shard, 0)``), and probe the lists once.
+Each file carries its search parameters (the IVF's nprobe and the HNSW quantizer's efSearch, the values in
+``params``): ``faiss.read_index`` returns an index that searches as calibrated.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 from laion_spark.storage.outputs import OutputDir
 
 MANIFEST = "manifest.json"
+TRAINED_PATH = "trained/{modality}.faiss"
 FORMAT_VERSION = 1
 MODALITIES = ("image", "text")
 METRIC = "inner_product"  # embeddings are L2-normalised: inner product is cosine similarity

@@ -23,7 +23,6 @@ VECTOR_COLUMNS = {"image": "image_embedding", "text": "text_embedding"}
 BUILT_SCHEMA = "number int, shard string, count long, duplicates long"
 # One row back per shard rewritten without some ids; new is "" when no vector was left.
 REWRITTEN_SCHEMA = "old string, new string, count long, removed long"
-TRAINED_PATH = "trained/{modality}.faiss"
 
 
 def metadata_schema() -> pa.Schema:
