@@ -55,6 +55,7 @@ bench: setup
 	$(PY) bench/candidates.py
 	$(PY) bench/download.py
 	$(PY) bench/score.py
+	$(PY) bench/index.py
 	$(PY) bench/scale.py
 
 clean:

@@ -12,7 +12,7 @@ DETERMINISTIC_STAGES = ("extract", "candidates", "download")
 
 def funnel_steps(demo_output: str) -> dict[str, tuple[int, int]]:
     """``stage.step -> (rows in, rows out)`` from the funnel the demo prints last."""
-    funnel = demo_output.rsplit("== funnel", 1)[1]
+    funnel = demo_output.rsplit("== funnel", 1)[1].split("\n== ", 1)[0]  # up to the next section (export, ...)
     steps = {}
     for line in funnel.splitlines():
         match = re.match(r"^(\w+\.[\w:]+)\s+([\d,]+)\s+([\d,]+)", line)
@@ -36,6 +36,19 @@ def assert_demo_funnel_is_the_reference(demo_output: str) -> None:
     exact = {k: v for k, v in expected.items() if k.split(".")[0] in DETERMINISTIC_STAGES}
     assert {k: v for k, v in got.items() if k.split(".")[0] in DETERMINISTIC_STAGES} == exact
     assert {k for k in got if k.startswith("score.")} == {k for k in expected if k.startswith("score.")}
+
+
+def assert_demo_consumables(demo_output: str, workdir: Path) -> None:
+    """What the demo makes after the pipeline: the WebDataset export, the kNN index, and the top 5 of its query."""
+    shards = sorted((workdir / "export" / "webdataset").glob("*.tar"))
+    assert shards and all(shard.with_suffix(".parquet").is_file() for shard in shards), shards
+    assert (workdir / "lake" / "_index" / "manifest.json").is_file()
+    search = demo_output.split("== search", 1)[1].split("\n\n", 1)[0].splitlines()
+    header, *matches = search[1:]
+    assert header.split() == ["rank", "similarity", "url", "caption", "uid"], header
+    assert [line.split()[0] for line in matches] == ["1", "2", "3", "4", "5"], search
+    # The tiny model knows the demo's shapes: its query "a yellow star on a beige background" finds one first.
+    assert "yellow-star-beige" in matches[0], matches[0]
 
 
 HEADER = """\

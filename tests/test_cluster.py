@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from cluster import standalone_cluster
-from demo_reference import assert_demo_funnel_is_the_reference
+from demo_reference import assert_demo_consumables, assert_demo_funnel_is_the_reference
 
 from laion_spark.testing.archives import WatPage, write_wat
 
@@ -64,4 +64,5 @@ def test_whole_demo_pipeline_on_standalone_cluster(master_url, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert_demo_funnel_is_the_reference(result.stdout)
+    assert_demo_consumables(result.stdout, tmp_path / "demo")
     assert (tmp_path / "demo" / "lake" / "dataset" / "_delta_log").is_dir()

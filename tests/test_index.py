@@ -28,24 +28,6 @@ from laion_spark.storage.delta import table_path
 from laion_spark.storage.ids import sample_ids
 from laion_spark.storage.outputs import OutputDir
 
-pytestmark = pytest.mark.slow
-
-
-import os  # DEV-ONLY-BEGIN
-
-if os.environ.get("DEV_DEMO_LAKE"):
-
-    @pytest.fixture(scope="session")
-    def demo_lake():
-        from laion_spark.config import load_config
-        from laion_spark.demo.__main__ import DemoResult
-        from laion_spark.testing.tiny_clip import ensure_tiny_clip
-
-        config = load_config("laion_spark/demo/demo.yaml")
-        tiny = ensure_tiny_clip(Path(".cache/models/tiny-clip"))
-        config.clip.model_config, config.clip.pretrained = tiny["model_config"], tiny["pretrained"]
-        return DemoResult(os.environ["DEV_DEMO_LAKE"], config, "", "")  # DEV-ONLY-END
-
 
 @pytest.fixture
 def lake(demo_lake, tmp_path: Path) -> str:
@@ -74,8 +56,8 @@ def indexed_rows(spark, lake: str) -> dict[int, tuple[str, np.ndarray, np.ndarra
     return vectors
 
 
-def shard_files(directory: OutputDir, manifest: Manifest) -> list[str]:
-    return [path for shard in manifest.shards for path in (*(shard.path(m) for m in MODALITIES), shard.metadata_path)]
+def shard_files(shards: list[Shard]) -> list[str]:
+    return [path for shard in shards for path in (*(shard.path(m) for m in MODALITIES), shard.metadata_path)]
 
 
 def file_digests(root: Path) -> dict[str, str]:
@@ -116,6 +98,7 @@ def assert_each_row_finds_itself(directory: OutputDir, manifest: Manifest, vecto
                 assert key in tied, f"{modality} shard {shard.name}: id {key} not first"
 
 
+@pytest.mark.slow
 def test_build_writes_the_layout_and_each_row_finds_itself(spark, demo_lake, lake, tmp_path):
     config = index_config(demo_lake, tmp_path)
     result = run_index(spark, config, lake)
@@ -125,7 +108,7 @@ def test_build_writes_the_layout_and_each_row_finds_itself(spark, demo_lake, lak
     vectors = indexed_rows(spark, lake)
     assert result.action == "built" and manifest.index_type == FLAT and manifest.factory == "IDMap2,Flat"
     assert manifest.count == len(vectors) == result.added > 0
-    assert all(directory.exists(path) for path in shard_files(directory, manifest))
+    assert all(directory.exists(path) for path in shard_files(manifest.shards))
     assert set(ids_in_index(directory, manifest)) == set(vectors)
     assert_each_row_finds_itself(directory, manifest, vectors)
 
@@ -147,6 +130,7 @@ def test_build_writes_the_layout_and_each_row_finds_itself(spark, demo_lake, lak
     assert "built Flat" in result.summary()
 
 
+@pytest.mark.slow
 def test_incremental_runs_remove_deleted_rows_add_new_ones_and_skip_when_nothing_changed(
     spark, demo_lake, lake, tmp_path
 ):
@@ -175,16 +159,13 @@ def test_incremental_runs_remove_deleted_rows_add_new_ones_and_skip_when_nothing
     assert result.rewritten_shards == 2
     assert set(ids_in_index(directory, after)) == set(where) - set(removed_ids)
     assert after.count == before.count - 4
-    untouched = [shard for shard in before.shards if shard.name not in (first, second)]
-    # In place: a rewritten shard gets a new name, the others keep theirs.
+    # In place: a rewritten shard gets a new name, the others keep theirs, and their files are left as they were.
     for old, new in zip(before.shards, after.shards, strict=True):
         assert (new.name == old.name) == (old.name not in (first, second))
     now = file_digests(tmp_path / "index")
-    for path in shard_files(directory, Manifest(**{**vars(before), "shards": untouched})):
+    for path in shard_files([shard for shard in before.shards if shard.name not in (first, second)]):
         assert now[path] == digests[path], f"{path} was rewritten"
-    for path in shard_files(
-        directory, Manifest(**{**vars(before), "shards": [s for s in before.shards if s.name in (first, second)]})
-    ):
+    for path in shard_files([shard for shard in before.shards if shard.name in (first, second)]):
         assert path not in now, f"{path} of the replaced shard is still there"
     for shard in after.shards:
         for modality in MODALITIES:
@@ -216,6 +197,7 @@ def test_incremental_runs_remove_deleted_rows_add_new_ones_and_skip_when_nothing
     assert file_digests(tmp_path / "index") == settled
 
 
+@pytest.mark.slow
 def test_rebuild_starts_from_scratch_and_a_grown_flat_index_advises_it(spark, demo_lake, lake, tmp_path):
     config = index_config(demo_lake, tmp_path)
     directory = OutputDir(config.index.path)
@@ -235,6 +217,7 @@ def test_rebuild_starts_from_scratch_and_a_grown_flat_index_advises_it(spark, de
     assert {path.stem for path in (Path(config.index.path) / "image").iterdir()} == names
 
 
+@pytest.mark.slow
 def test_embeddings_of_two_models_are_one_clear_error(spark, demo_lake, lake, tmp_path):
     uid = read_table(spark, lake, DATASET).orderBy("uid").first().uid
     spark.sql(f"UPDATE delta.`{table_path(lake, EMBEDDINGS)}` SET model = 'ViT-B-32' WHERE uid = '{uid}'")
@@ -246,6 +229,7 @@ def first_uid(directory: OutputDir, manifest: Manifest) -> str:
     return pq.read_table(directory.path(manifest.shards[0].metadata_path)).column("uid")[0].as_py()
 
 
+@pytest.mark.slow
 def test_ivf_index_is_trained_on_a_bounded_sample_and_built_in_shards_by_tasks(
     spark, demo_lake, lake, tmp_path, monkeypatch
 ):

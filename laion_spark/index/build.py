@@ -49,9 +49,13 @@ from laion_spark.index.layout import (
 from laion_spark.index.shards import (
     BUILT_SCHEMA,
     REWRITTEN_SCHEMA,
+    SAMPLED_SCHEMA,
     VECTOR_COLUMNS,
+    SampleWriter,
     ShardBuilder,
+    read_arrow,
     rewrite_shard,
+    sample_part_path,
     shard_name,
     vectors_from_arrow,
 )
@@ -299,7 +303,7 @@ def train_on_sample(
     order = np.random.default_rng(SAMPLE_SEED).permutation(sample.num_rows)  # the held-out rows: any partition
     indexes, calibrations = {}, {}
     for modality in MODALITIES:
-        matrix = vectors_from_arrow(sample.column(VECTOR_COLUMNS[modality]), choice.d, f"{modality} embedding")
+        matrix = vectors_from_arrow(sample.column(modality), choice.d, f"{modality} embedding")
         indexes[modality], calibrations[modality] = train_index(
             choice, matrix[order], settings.target_recall, settings.nprobe
         )
@@ -323,50 +327,55 @@ def train_on_sample(
 
 @dataclass(frozen=True)
 class StagedSample:
-    """The training sample, written by Spark tasks into the index directory and read back on the driver with
-    pyarrow, ``rows`` rows at most and one column at a time. Collecting it instead (toArrow) would hold it several
-    times over in the driver's JVM: 200,000 rows of two 512-float embeddings (800 MB) exhaust a 4 GB heap."""
+    """The training sample, staged by the Spark tasks that drew it (laion_spark.index.shards.SampleWriter) and read
+    back on the driver ``rows`` rows at most, one modality at a time. Collecting it instead (toArrow) holds it several
+    times over in the driver's JVM: 200,000 rows of two 512-float embeddings (800 MB) exhausted a 4 GB heap."""
 
     directory: OutputDir
     name: str
+    parts: list[tuple[int, int]]  # (part, rows), in part order
     rows: int
-
-    def _dataset(self):
-        import pyarrow.dataset as ds
-
-        # Spark's _SUCCESS and .crc files are skipped (pyarrow ignores names starting with _ and .).
-        return ds.dataset(self.directory.path(self.name), filesystem=self.directory.filesystem, format="parquet")
-
-    def column(self, name: str):
-        return self._dataset().head(self.rows, columns=[name]).column(name)
 
     @property
     def num_rows(self) -> int:
-        return min(self.rows, self._dataset().count_rows())
+        return min(self.rows, sum(rows for _, rows in self.parts))
+
+    def column(self, modality: str):
+        import pyarrow as pa
+
+        chunks, wanted = [], self.num_rows
+        for part, rows in self.parts:
+            if wanted <= 0:
+                break
+            table = read_arrow(self.directory, sample_part_path(self.name, modality, part))
+            chunks.extend(table.column(VECTOR_COLUMNS[modality]).slice(0, min(rows, wanted)).chunks)
+            wanted -= rows
+        return pa.chunked_array(chunks, type=pa.list_(pa.float32()))
 
     def dimension(self) -> int:
-        first = self._dataset().head(1, columns=list(VECTOR_COLUMNS.values()))
-        if first.num_rows == 0:
+        if not self.parts:
             raise ConfigError("nothing to index: no row with embeddings")
-        image, text = (len(first.column(column)[0]) for column in VECTOR_COLUMNS.values())
+        part = self.parts[0][0]
+        image, text = (
+            len(read_arrow(self.directory, sample_part_path(self.name, m, part)).column(column)[0])
+            for m, column in VECTOR_COLUMNS.items()
+        )
         if image != text or image < 1:
             raise ValueError(f"image embeddings have dimension {image} and text embeddings {text}: they must match")
         return image
 
 
 def draw_sample(vectors: DataFrame, rows: int, n: int, directory: OutputDir, name: str) -> StagedSample:
-    """A random sample of both embeddings, staged as parquet in ``directory``/``name``, of which the driver reads
+    """A random sample of both embeddings, staged by the tasks in ``directory``/``name``, of which the driver reads
     ``rows`` rows at most."""
     # A little over (four standard deviations of the binomial count), so that the limit rather than chance sets
-    # the size. The limit is the driver's read: a DataFrame limit would funnel the sample through one task (twice
-    # the time of the parallel write, measured on 200,000 x 512).
+    # the size. The limit is the driver's read: a DataFrame limit would funnel the sample through one task.
     fraction = min(1.0, (rows + 4 * math.sqrt(rows) + 10) / max(n, 1))
     sample = vectors.select(*VECTOR_COLUMNS.values())
     if fraction < 1.0:
         sample = sample.sample(withReplacement=False, fraction=fraction, seed=SAMPLE_SEED)
-    # Uncompressed: float vectors do not compress, and the files live for one build.
-    sample.write.mode("overwrite").option("compression", "none").parquet(directory.uri_of(name))
-    return StagedSample(directory, name, rows)
+    parts = sample.mapInArrow(SampleWriter(directory, name), SAMPLED_SCHEMA).collect()  # one small row per task
+    return StagedSample(directory, name, sorted((row["part"], int(row["rows"])) for row in parts), rows)
 
 
 def add_shards(
