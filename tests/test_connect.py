@@ -85,6 +85,14 @@ def test_whole_pipeline_through_spark_connect_matches_the_classic_run(spark, tmp
             )  # fmt: skip
             assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
             assert "score.above_threshold" in result.stdout and "pyspark.sql.connect" in result.stdout
+            # What users consume, over the same Connect session: the tasks write the files, the driver plans.
+            shards = tmp_path / "webdataset"
+            for command in (["export", "--format", "webdataset", "--out", str(shards)], ["index"]):
+                result = subprocess.run(
+                    [sys.executable, "-m", "laion_spark", *command, *common],
+                    env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                )  # fmt: skip
+                assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-4000:])
 
         classic_lake = str(tmp_path / "classic-lake")
         config = load_config(DEMO_CONFIG, overrides)
@@ -106,3 +114,9 @@ def test_whole_pipeline_through_spark_connect_matches_the_classic_run(spark, tmp
         .selectExpr("max(abs(c.similarity - k.similarity)) AS diff").first()["diff"]
     )  # fmt: skip
     assert similarities < 1e-3
+
+    dataset_uids = {row.uid for row in read_table(spark, connect_lake, "dataset").select("uid").collect()}
+    exported = spark.read.parquet(str(tmp_path / "webdataset" / "*.parquet")).select("uid").collect()
+    assert sorted(row.uid for row in exported) == sorted(dataset_uids)
+    indexed = spark.read.parquet(f"{connect_lake}/_index/metadata/*.parquet").select("uid").collect()
+    assert sorted(row.uid for row in indexed) == sorted(dataset_uids)

@@ -83,7 +83,10 @@ def test_core_requirements_leave_spark_delta_and_torch_to_the_runtime():
     clip = {canonicalize_name(Requirement(line).name) for line in extras["clip"].split()}
     assert spark == {"pyspark", "delta-spark"}
     assert clip == {"torch", "torchvision", "open-clip-torch"}
-    assert {canonicalize_name(r.name) for r in requirements("options.extras_require", "all")} == spark | clip
+    index = {canonicalize_name(Requirement(line).name) for line in extras["index"].split()}
+    assert index == {"faiss-cpu"}
+    assert not core & index  # the pipeline's stages run without faiss; only index, search and serve need it
+    assert {canonicalize_name(r.name) for r in requirements("options.extras_require", "all")} == spark | clip | index
 
 
 def test_every_requirement_is_a_range_and_its_pin_lies_inside_it():
