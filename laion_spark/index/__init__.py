@@ -6,6 +6,7 @@ imports no pyspark: search and serve run without a JVM.
 """
 
 from laion_spark.index.choice import IndexChoice, IndexChoiceError, choose_index
+from laion_spark.lazy import lazy_attributes
 
 _LAZY = {
     "BuildReport": "laion_spark.index.build",
@@ -22,13 +23,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

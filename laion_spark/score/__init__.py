@@ -1,5 +1,6 @@
 """images + texts -> CLIP embeddings, similarity and NSFW tags: the ``embeddings`` and ``dataset`` tables."""
 
+from laion_spark.lazy import lazy_attributes
 from laion_spark.score.model import (
     LoadedClip,
     ModelLoadError,
@@ -39,13 +40,7 @@ _SPARK_SIDE = {
 }
 
 
-def __getattr__(name: str):
-    module = _SPARK_SIDE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _SPARK_SIDE)
 
 
 __all__ = [
