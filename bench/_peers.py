@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
+from laion_spark.testing.peers import PeerEnv, PeerUnavailable, peer_python
+
 PEERS_VENV = Path(__file__).resolve().parent / ".venv-peers"
-CC2DATASET = "cc2dataset"
+CC2DATASET = PeerEnv(name="cc2dataset", probe="import cc2dataset.main", requirements=("cc2dataset",))
 
 # Runs in the peers' environment. CPU seconds are the child's own (its threads included): the per-core figure,
 # unmoved by whatever else shares the machine; wall seconds are printed beside them.
@@ -30,37 +31,12 @@ print(json.dumps(dict(wall_s=time.perf_counter() - wall, cpu_s=time.process_time
                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 """
 
-
-class PeerUnavailable(RuntimeError):
-    """The peer could not be installed or run; the message says why."""
-
-
-def peers_python() -> Path:
-    """The Python of ``bench/.venv-peers``, with cc2dataset installed (created and installed on first use)."""
-    python = PEERS_VENV / "bin" / "python"
-    if python.exists() and _has_module(python, CC2DATASET):
-        return python
-    if not python.exists():
-        venv.EnvBuilder(with_pip=True, clear=True).create(PEERS_VENV)
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", CC2DATASET],
-        capture_output=True,
-        text=True,
-    )
-    if install.returncode != 0:
-        last = (install.stderr or install.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise PeerUnavailable(f"pip install {CC2DATASET} into {PEERS_VENV} failed: {last[0]}")
-    return python
-
-
-def _has_module(python: Path, module: str) -> bool:
-    found = subprocess.run([str(python), "-c", f"import {module}.main"], capture_output=True)
-    return found.returncode == 0
+__all__ = ["PeerUnavailable", "run_cc2dataset"]
 
 
 def run_cc2dataset(path: Path) -> dict:
     """cc2dataset's ``process_wat`` over ``path``: wall_s, cpu_s, pairs, peak_rss_mb. Raises PeerUnavailable."""
-    python = peers_python()
+    python = peer_python(CC2DATASET, PEERS_VENV)
     done = subprocess.run([str(python), "-c", _CC2DATASET_RUN, str(path)], capture_output=True, text=True)
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1:] or ["no output"]
