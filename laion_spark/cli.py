@@ -246,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(funnel)
     funnel.set_defaults(handler=_run_funnel)
 
+    explain = stages.add_parser(
+        "explain",
+        help="the story of one pair: where it came from, every decision about it, why it is or is not in dataset",
+        description="Print what the lake knows about one pair (by uid) or every pair of one image URL: its archive\n"
+        "record, the candidates rules and dedup, the download, the score, the dataset's filter chain, each with the\n"
+        "run that decided and the hash of that run's config, and the verdict.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(explain)
+    target = explain.add_mutually_exclusive_group(required=True)
+    target.add_argument("--uid", help="the pair's uid (sha1 of url and alt text)")
+    target.add_argument("--url", help="an image URL: every pair with it")
+    explain.set_defaults(handler=_run_explain)
+
     export = stages.add_parser(
         "export",
         help="dataset -> files its consumers read: LAION parquet, WebDataset shards, clip-retrieval embeddings",
@@ -408,6 +422,17 @@ def _run_funnel(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.report import format_funnel
 
     print(format_funnel(_spark(config), args.lake))
+
+
+def _run_explain(args: argparse.Namespace, config: Config) -> int:
+    from laion_spark.report.explain import explain_pair, format_story
+
+    stories = explain_pair(_spark(config), args.lake, uid=args.uid, url=args.url)
+    if not stories:
+        print(f"laion-spark explain: no pair with url {args.url} in {args.lake}", file=sys.stderr)
+        return 1
+    print("\n\n".join(format_story(story) for story in stories))
+    return 0
 
 
 def _run_export(args: argparse.Namespace, config: Config) -> None:

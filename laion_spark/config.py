@@ -251,6 +251,50 @@ class ServeConfig:
 
 
 @dataclass
+class NearDupConfig:
+    """Near-duplicate images and eval-set decontamination (laion_spark/curate), used by the dataset.filters steps
+    near_dup, semdedup and decontaminate."""
+
+    # near_dup: two images whose 64-bit pHashes differ in at most this many bits are near duplicates (a banded
+    # join: the hash is split into phash_distance + 1 bands, so that any such pair shares a band).
+    phash_distance: int = 4
+    # semdedup: k-means clusters of the image embeddings (0: about sqrt(rows), at most 50,000), trained on at most
+    # kmeans_sample rows; within a cluster, pairs with cosine >= 1 - semdedup_epsilon are duplicates.
+    semdedup_clusters: int = 0
+    semdedup_epsilon: float = 0.05
+    kmeans_sample: int = 200_000
+    # decontaminate: evaluation images (folders of image files, parquet files with an image column, or WebDataset
+    # .tar shards); a pool image within eval_phash_distance bits of one, or with image-embedding cosine >=
+    # eval_min_cosine, is dropped, and the rejection names the eval set (the path as given).
+    eval_sets: list[str] = field(default_factory=list)
+    eval_phash_distance: int = 4
+    eval_min_cosine: float = 0.95
+
+
+@dataclass
+class ImageClusterConfig:
+    """DataComp's image-based filter: k-means of the pool's image embeddings; keep the clusters that reference images
+    fall in."""
+
+    # k-means clusters (DataComp used 100,000 on ViT-L/14 for 128M samples; 0: about rows / 1,000, at least 1).
+    clusters: int = 0
+    # Reference images: a folder of image files, parquet files with an image column, or WebDataset shards.
+    reference: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DatasetConfig:
+    # The filter chain that cuts dataset from the scored pairs, in order: threshold (clip.threshold), top_k_percent
+    # (clip.top_k_percent of all scored pairs), near_dup (pHash), semdedup (image embeddings), decontaminate
+    # (dedup.eval_sets), image_cluster (dataset.image_cluster). threshold and top_k_percent are cut over all scored
+    # pairs, so together they intersect; the dedup steps keep one survivor among the rows still in.
+    filters: list[str] = field(default_factory=lambda: ["threshold"])
+    image_cluster: ImageClusterConfig = field(default_factory=ImageClusterConfig)
+    # The rejections table (one row per pair a step removed, with the reason). Off: counts only, for very large runs.
+    rejections: bool = True
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
@@ -260,6 +304,8 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    dedup: NearDupConfig = field(default_factory=NearDupConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

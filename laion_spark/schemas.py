@@ -9,6 +9,7 @@ from pyspark.sql.types import (
     FloatType,
     IntegerType,
     LongType,
+    MapType,
     StringType,
     StructField,
     StructType,
@@ -23,6 +24,8 @@ CANDIDATES = "candidates"
 IMAGES = "images"
 EMBEDDINGS = "embeddings"
 DATASET = "dataset"
+REJECTIONS = "rejections"
+RUNS = "runs"
 
 
 def _schema(*fields: tuple[str, object, bool]) -> StructType:
@@ -83,6 +86,8 @@ CANDIDATES_SCHEMA = _schema(
     ("crawl_date", TimestampType(), True),
     ("language", StringType(), False),  # ISO 639-1 code, or "none" below the confidence threshold
     ("language_confidence", DoubleType(), False),
+    ("ingest_batch", StringType(), True),  # the pairs slice the row came from (<extract run id>-<slice>)
+    ("run_id", StringType(), True),  # the candidates run that wrote the row
 )
 
 # One image row as the download emits it; the table adds the slice that wrote it (IMAGES_SCHEMA).
@@ -100,6 +105,8 @@ IMAGE_ROW_SCHEMA = _schema(
     ("width", IntegerType(), True),
     ("height", IntegerType(), True),
     ("sha256", StringType(), True),
+    # 64-bit perceptual hash of the decoded image (laion_spark.curate.phash, imagehash's pHash), signed
+    ("phash", LongType(), True),
     ("image", BinaryType(), True),
     ("attempts", IntegerType(), False),
     ("fetched_at", TimestampType(), False),
@@ -139,6 +146,47 @@ DATASET_SCHEMA = _schema(
     ("nsfw", StringType(), False),  # NSFW | UNSURE | UNLIKELY (LAION-400M zero-shot tag)
     ("punsafe", FloatType(), True),  # LAION's CLIP-based NSFW detector, when its weights are given
     ("model", StringType(), False),
+    # Lineage: where the pair came from and which run of each stage produced it (`laion-spark explain`). The runs
+    # table holds each run's effective config; config_hashes repeats their hashes here, stage -> hash.
+    ("source_file", StringType(), True),
+    ("record_offset", LongType(), True),
+    ("crawl_date", TimestampType(), True),
+    ("page_url", StringType(), True),
+    ("extract_run_id", StringType(), True),
+    ("candidates_run_id", StringType(), True),
+    ("download_run_id", StringType(), True),
+    ("score_run_id", StringType(), True),
+    ("model_checksum", StringType(), True),  # sha256 of the checkpoint file the scores came from, when local
+    ("config_hashes", MapType(StringType(), StringType()), True),
+)
+
+# One row per pair that a step removed, and why (`dataset.rejections: false` turns it off). Partitioned by stage.
+# candidates: a rule (step = its name) or dedup (survivor_uid = the candidate kept for the same key); download: the
+# status of a failed fetch; score: failed_to_decode; dataset: the filter chain's steps (threshold, top_k_percent,
+# near_dup, semdedup, decontaminate, image_cluster), replaced whenever dataset is rebuilt.
+REJECTIONS_SCHEMA = _schema(
+    ("uid", StringType(), False),
+    ("stage", StringType(), False),
+    ("step", StringType(), False),
+    ("detail", StringType(), True),  # one human-readable sentence: what matched, against what
+    ("survivor_uid", StringType(), True),  # dedup steps: the pair kept instead
+    ("eval_set", StringType(), True),  # decontaminate: the eval set matched
+    ("value", DoubleType(), True),  # the measured quantity: similarity, Hamming distance, cosine
+    ("bound", DoubleType(), True),  # the bound it was held against: threshold, max distance, min cosine
+    ("run_id", StringType(), False),
+    ("recorded_at", TimestampType(), False),
+)
+
+# One row per (run, stage): what produced the rows a run wrote, for lineage.
+RUNS_SCHEMA = _schema(
+    ("run_id", StringType(), False),
+    ("stage", StringType(), False),
+    ("config_hash", StringType(), False),  # sha256 (16 hex digits) of config, canonical JSON
+    ("config", StringType(), False),  # the stage's effective config sections as JSON
+    ("model", StringType(), True),  # score: model name and weights
+    ("model_checksum", StringType(), True),  # score: sha256 of a local checkpoint file
+    ("laion_spark_version", StringType(), False),
+    ("recorded_at", TimestampType(), False),
 )
 
 # Not a table of the data flow (so not in SCHEMAS, nor in the README's table reference): the run marker that
@@ -182,11 +230,13 @@ TABLE_PROPERTIES: dict[str, dict[str, str]] = {
     IMAGES: _DELETION_VECTORS,
     EMBEDDINGS: _AUTO_COMPACT,
     DATASET: {**_DELETION_VECTORS, **_AUTO_COMPACT},
+    REJECTIONS: _AUTO_COMPACT,
+    RUNS: _AUTO_COMPACT,
 }
 
 # Partition columns (storage.ensure_table): the slice that wrote each row, for the two tables a later step reads or
 # rewrites one slice at a time.
-PARTITION_COLUMNS: dict[str, list[str]] = {PAIRS: ["ingest_batch"], IMAGES: ["fetch_batch"]}
+PARTITION_COLUMNS: dict[str, list[str]] = {PAIRS: ["ingest_batch"], IMAGES: ["fetch_batch"], REJECTIONS: ["stage"]}
 
 SCHEMAS: dict[str, StructType] = {
     PAIRS: PAIRS_SCHEMA,
@@ -196,4 +246,6 @@ SCHEMAS: dict[str, StructType] = {
     IMAGES: IMAGES_SCHEMA,
     EMBEDDINGS: EMBEDDINGS_SCHEMA,
     DATASET: DATASET_SCHEMA,
+    REJECTIONS: REJECTIONS_SCHEMA,
+    RUNS: RUNS_SCHEMA,
 }

@@ -90,8 +90,14 @@ def uids(table):
     return sorted(row["uid"] for row in table.values())
 
 
+RUN_SPECIFIC = {"uid", "run_id", "ingest_batch"}  # lineage: which run and slice wrote the row
+
+
 def without_uids(table):
-    return {key: {column: value for column, value in row.items() if column != "uid"} for key, row in table.items()}
+    return {
+        key: {column: value for column, value in row.items() if column not in RUN_SPECIFIC}
+        for key, row in table.items()
+    }
 
 
 def test_duplicates_within_a_file_leave_one_survivor(scenario):

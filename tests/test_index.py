@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from laion_spark.config import ConfigError
-from laion_spark.index import IndexChoiceError, choose_index, run_index
+from laion_spark.config import ConfigError, IndexConfig
+from laion_spark.index import IndexChoiceError, build_index, choose_index, run_index
 from laion_spark.index.choice import FLAT, IVF_HNSW_FLAT, IVF_PQ, IVF_SQ8, pq_sizes
 from laion_spark.index.layout import MODALITIES, Manifest, Shard, read_manifest
 from laion_spark.index.shards import metadata_schema, read_index, rewrite_shard, write_index, write_metadata
@@ -281,6 +281,37 @@ def test_ivf_index_is_trained_on_a_bounded_sample_and_built_in_shards_by_tasks(
     first = read_index(directory, manifest.shards[0].path("image"))
     assert faiss.extract_index_ivf(first).nprobe == manifest.nprobe
     assert_each_row_finds_itself(directory, manifest, indexed_rows(spark, lake))
+
+
+@pytest.mark.slow
+def test_rows_sharing_an_id_are_indexed_once_and_a_partition_larger_than_a_shard_is_cut(spark, tmp_path):
+    """Rows whose ids collide (two pairs whose uids share their first 63 bits), in different input partitions: one
+    row of each id is indexed and the others counted. Two input partitions of 27 rows for shards of 20 at most:
+    each is cut in two, as coalescing cannot split them."""
+    rng = np.random.default_rng(5)
+    d, n = 8, 60
+    vectors = rng.standard_normal((n, d)).astype("float32")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = list(range(n))
+    ids[10] = ids[50] = ids[55] = 3  # four rows of id 3, in both halves of the input
+    ids[20] = 21
+    rows = [(key, vector.tolist(), vector.tolist()) for key, vector in zip(ids, vectors, strict=True)]
+    frame = spark.createDataFrame(rows, "id long, image_embedding array<float>, text_embedding array<float>")
+    frame = frame.coalesce(2)  # the local rows in two partitions, without a shuffle that would bring ids together
+
+    report = build_index(spark, frame, str(tmp_path / "index"), IndexConfig(vectors_per_shard=20))
+    directory = OutputDir(str(tmp_path / "index"))
+    manifest = report.manifest
+    assert report.duplicate_ids == 4 and manifest.count == len(set(ids)) == 56
+    assert set(ids_in_index(directory, manifest)) == set(ids)
+    assert all(0 < shard.count <= 20 for shard in manifest.shards)
+    assert len({shard.name for shard in manifest.shards}) == len(manifest.shards) >= math.ceil(56 / 20)
+    for shard in manifest.shards:
+        index = read_index(directory, shard.path("image"))
+        stored = pq.read_table(directory.path(shard.metadata_path)).column("id").to_pylist()
+        if 3 in stored:
+            kept = index.reconstruct(3)
+            assert any(np.allclose(kept, vectors[row]) for row in (3, 10, 50, 55))
 
 
 @pytest.mark.parametrize(

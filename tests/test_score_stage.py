@@ -67,12 +67,13 @@ MODEL_BATCH = 3
 def _image_row(uid: str, status: str, image: bytes | None, size: int | None) -> tuple:
     now = dt.datetime(2026, 1, 1)
     return (uid, f"http://127.0.0.1/{uid}.jpg", status, None if status == "success" else status, 200, "image/jpeg",
-            size, size, size, size, None, image, 1, now,
+            size, size, size, size, None, None, image, 1, now,
             "download-1" if uid.startswith("match") else "download-2")  # fmt: skip
 
 
 def _candidate_row(uid: str, text: str) -> tuple:
-    return (uid, uid, f"http://127.0.0.1/{uid}.jpg", text, text_key(text), None, "test.warc.gz", 0, None, "en", 0.99)
+    return (uid, uid, f"http://127.0.0.1/{uid}.jpg", text, text_key(text), None, "test.warc.gz", 0, None, "en", 0.99,
+            None, None)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

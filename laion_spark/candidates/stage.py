@@ -65,6 +65,7 @@ from laion_spark.candidates.rules import (
 from laion_spark.config import CandidatesConfig, Config, ConfigError
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, PAIRS
 from laion_spark.storage import StageCounter, count_drops, ensure_table, merge, new_run_id, read_table
+from laion_spark.storage.audit import record_rejections, record_run, rejection_rows
 from laion_spark.storage.delta import NewRows, consume_new_rows, read_new_rows, write_bookmark
 from laion_spark.storage.stats import DropCounts
 
@@ -73,7 +74,9 @@ log = logging.getLogger(__name__)
 STAGE = "candidates"
 
 
-def build_candidates(pairs: DataFrame, existing: DataFrame, config: CandidatesConfig | None = None) -> DataFrame:
+def build_candidates(
+    pairs: DataFrame, existing: DataFrame, config: CandidatesConfig | None = None, run_id: str | None = None
+) -> DataFrame:
     """The rows ``pairs`` contributes to a ``candidates`` table holding ``existing``, with their language.
 
     Pure: usable from a notebook on any frame with the pairs columns (``existing`` may be empty). A frame
@@ -87,8 +90,42 @@ def build_candidates(pairs: DataFrame, existing: DataFrame, config: CandidatesCo
         .transform(keep_first_per_key)
         .transform(keep_new_or_earlier, existing)
         .transform(detect_language, config.language)
+        .transform(with_lineage, run_id)
         .select(*CANDIDATES_SCHEMA.fieldNames())
     )
+
+
+def with_lineage(candidates: DataFrame, run_id: str | None = None) -> DataFrame:
+    """The lineage columns: the pairs slice a row came from (null for a frame of pairs without it) and this run."""
+    if "ingest_batch" not in candidates.columns:
+        candidates = candidates.withColumn("ingest_batch", F.lit(None).cast("string"))
+    return candidates.withColumn("run_id", F.lit(run_id).cast("string"))
+
+
+def rejected_pairs(pairs: DataFrame, candidates: DataFrame, config: CandidatesConfig, run_id: str) -> DataFrame:
+    """Why each pair of ``pairs`` is not a candidate, as ``rejections`` rows: the rule it failed (step = the rule's
+    name), or ``dedup`` when ``candidates`` (after this slice's MERGE) holds another pair under its key
+    (survivor_uid = that pair)."""
+    marked = mark_rule_failures(pairs, config.rules)
+    by_rule = rejection_rows(
+        marked.where(F.col(DROPPED_BY).isNotNull()),
+        STAGE,
+        run_id,
+        step=F.col(DROPPED_BY),
+        detail=F.concat(F.lit("failed the rule "), F.col(DROPPED_BY)),
+    )
+    keyed = marked.where(F.col(DROPPED_BY).isNull()).transform(add_text_key).transform(add_dedup_key, config.dedup.mode)
+    kept = candidates.select(F.col(DEDUP_KEY), F.col("uid").alias("survivor_uid"))
+    duplicates = keyed.select("uid", DEDUP_KEY).join(kept, DEDUP_KEY).where(F.col("uid") != F.col("survivor_uid"))
+    by_dedup = rejection_rows(
+        duplicates,
+        STAGE,
+        run_id,
+        step="dedup",
+        detail=F.concat(F.lit(f"same {config.dedup.mode} key as "), F.col("survivor_uid")),
+        survivor_uid=F.col("survivor_uid"),
+    )
+    return by_rule.unionByName(by_dedup)
 
 
 def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str | None = None) -> StageCounter:
@@ -112,7 +149,11 @@ def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str |
         inserted = replaced = 0
         if batch_keys:  # with no key, neither the join with candidates nor the MERGE has anything to do
             existing = read_table(spark, lake, CANDIDATES)
-            inserted, replaced = _merge_candidates(build_candidates(new.rows, existing, settings), lake)
+            rows = build_candidates(new.rows, existing, settings, counter.run_id)
+            inserted, replaced = _merge_candidates(rows, lake)
+            if config.dataset.rejections:
+                candidates = read_table(spark, lake, CANDIDATES)
+                record_rejections(rejected_pairs(new.rows, candidates, settings, counter.run_id), lake)
         if new.moves_bookmark:  # only once the MERGE has committed (see the module docstring)
             write_bookmark(spark, lake, new.bookmark, counter.run_id)
         totals.add(counts, batch_keys, inserted, replaced)
@@ -128,6 +169,7 @@ def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str |
     counter.add("dedup_against_lake", totals.batch_keys, written)
     counter.add("detect_language", written, written)
     counter.write(spark, lake)
+    record_run(spark, lake, counter.run_id, STAGE, config)
     return counter
 
 

@@ -3,6 +3,11 @@
 The checks run on the header before any pixel is decoded, so a 20000 x 20000 decompression bomb costs a few
 kilobytes of parsing, not gigabytes of memory. JPEGs are decoded in draft mode at the smallest DCT scale that still
 covers the target size, which is most of the speed of this stage.
+
+The perceptual hash (laion_spark.curate.phash) is taken here, from the decoded and upright RGB image before it is
+resized, because the image is decoded anyway (about 0.4 ms more per image, against a full decode otherwise) and so
+that the hash describes the image as published rather than our resized copy of it. A JPEG decoded in draft mode is
+already at least the target size, far above pHash's 32 x 32, so the draft changes no more than a bit or two.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from laion_spark.config import ConfigError, DownloadConfig
+from laion_spark.curate.phash import phash
 from laion_spark.download import status
 
 RESIZE_MODES = ("border", "keep_ratio", "center_crop", "no")
@@ -69,6 +75,7 @@ class ProcessedImage:
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
+    phash: int | None = None  # signed 64-bit pHash of the decoded image before resizing; None unless success
     image: bytes | None = None
 
 
@@ -103,12 +110,15 @@ def process_image(body: bytes, settings: ImageSettings) -> ProcessedImage:
         facts.status, facts.error = status.FAILED_TO_DECODE, f"{type(exc).__name__}: {exc}"
         return facts
     try:
-        resized = _resize(_to_rgb(ImageOps.exif_transpose(image)), settings)
+        upright = _to_rgb(ImageOps.exif_transpose(image))
+        image_phash = phash(upright)
+        resized = _resize(upright, settings)
         facts.image = _encode(resized, settings)
     except Exception as exc:
         facts.status, facts.error = status.FAILED_TO_DECODE, f"{type(exc).__name__}: {exc}"
         return facts
     facts.status = status.SUCCESS
+    facts.phash = image_phash
     facts.width, facts.height = resized.size
     return facts
 

@@ -33,6 +33,7 @@ from laion_spark.download.fetch import Fetcher, FetchResult, FetchSettings
 from laion_spark.download.images import ImageSettings, ProcessedImage, process_image
 from laion_spark.schemas import CANDIDATES, IMAGE_ROW_SCHEMA, IMAGES, IMAGES_SCHEMA
 from laion_spark.storage import StageCounter, append, ensure_table, new_run_id, read_table, upsert
+from laion_spark.storage.audit import record_rejections, record_run, rejection_rows
 from laion_spark.storage.slices import BUCKET, plan_slices, staged_work, with_bucket
 from laion_spark.storage.stats import count_drops
 
@@ -156,6 +157,11 @@ def run_download(
         if count:
             counter.add_outcome(name, fetch_count, count)
     counter.write(spark, lake)
+    if config.dataset.rejections:
+        failed = this_run.where(F.col("status") != status.SUCCESS)
+        detail = F.coalesce(F.col("error"), F.col("status"))
+        record_rejections(rejection_rows(failed, "download", counter.run_id, F.col("status"), detail), lake)
+    record_run(spark, lake, counter.run_id, "download", config)
     log.info("download: %d of %d candidates fetched, %d succeeded", fetch_count, wanted_count, outcomes.rows_out)
     return counter
 
@@ -271,6 +277,7 @@ def _image_row(uid: str, fetched: FetchResult, checked: ProcessedImage | None) -
         "width": None,
         "height": None,
         "sha256": None,
+        "phash": None,
         "image": None,
         "attempts": max(1, fetched.attempts),
     }
@@ -283,6 +290,7 @@ def _image_row(uid: str, fetched: FetchResult, checked: ProcessedImage | None) -
             width=checked.width,
             height=checked.height,
             sha256=checked.sha256,
+            phash=checked.phash,
             image=checked.image,
         )
     return row
@@ -295,6 +303,8 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=[f for f in IMAGE_ROW_SCHEMA.fieldNames() if f != "fetched_at"])
     for column in _INT_COLUMNS:
         frame[column] = pd.array(frame[column].tolist(), dtype="Int32")
+    # From the dicts, not the frame's column: pandas makes ints mixed with Nones float64, which rounds 64-bit hashes.
+    frame["phash"] = pd.array([row["phash"] for row in rows], dtype="Int64")
     frame["fetched_at"] = pd.Timestamp.now(tz="UTC")
     return frame
 

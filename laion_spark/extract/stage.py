@@ -48,6 +48,7 @@ from laion_spark.storage import (
     staged,
     table_exists,
 )
+from laion_spark.storage.audit import record_run
 from laion_spark.storage.delta import sql_in
 from laion_spark.storage.files import existing_files
 
@@ -145,6 +146,7 @@ def run_extract(
     counter.add("images_with_alt_text", totals["images_found"], totals["images_with_alt"])
     counter.add("pairs", totals["images_with_alt"], result.pairs_written)
     counter.write(spark, lake)
+    record_run(spark, lake, result.run_id, "extract", config)
     result.counter = counter
     result.duration_s = time.perf_counter() - started
     log.info("%s", result.summary())

@@ -6,9 +6,10 @@ under its sample id (laion_spark.storage.ids). A full build:
 1. picks the index type from the row count and ``index.max_memory_gb`` (laion_spark.index.choice);
 2. for IVF types, draws a bounded random sample (``index.train_sample`` rows: the only embeddings the driver ever
    holds), trains the empty index on the driver and calibrates nprobe on a held-out part of the sample;
-3. ships the trained empty index (serialised bytes) to the tasks inside the mapInArrow closure; the rows,
-   partitioned by id into shards of about ``index.vectors_per_shard``, are added by one task per shard, which
-   writes image/, text/ and metadata/ files for it and returns one row (name, count);
+3. ships the trained empty index (serialised bytes) to the tasks inside the mapInArrow closure; the rows, in
+   their input partitions coalesced into ceil(rows / ``index.vectors_per_shard``) groups (no shuffle of the
+   vectors), are added by one task per group, which writes image/, text/ and metadata/ files for each shard of
+   ``index.vectors_per_shard`` vectors at most and returns one row per shard (name, count);
 4. writes manifest.json last, then deletes the files no manifest names.
 
 A later run is incremental. It compares the ids in the index (its metadata files, read by Spark, one column) with
@@ -194,7 +195,6 @@ def run_index(
             model=model,
             dataset_version=dataset_version,
             embeddings_version=embeddings_version,
-            count=census["embedded_rows"],
             prefix=run_id,
         )
         manifest = report.manifest
@@ -229,7 +229,6 @@ def build_index(
     model: ModelRef | None = None,
     dataset_version: int = -1,
     embeddings_version: int = -1,
-    count: int | None = None,
     prefix: str | None = None,
 ) -> BuildReport:
     """A full build from ``vectors``: a DataFrame with ``id`` (long), ``image_embedding`` and ``text_embedding``
@@ -241,14 +240,19 @@ def build_index(
     prefix = prefix or new_run_id()
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    n = vectors.count() if count is None else count
+    census = id_census(vectors)
+    n = census.rows
+    seconds["census"] = time.perf_counter() - clock
     sample = None
     try:
+        clock = time.perf_counter()
         if n > settings.flat_max_rows:  # an IVF type, trained on a sample (which also gives the dimension)
             sample = draw_sample(vectors, min(n, settings.train_sample), n, directory, f"{SAMPLE_PREFIX}{prefix}")
             d = sample.dimension()
         else:
             d = _dimension(vectors)
+        seconds["sample"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         choice = choose_index(n, d, settings.max_memory_gb, settings.flat_max_rows, settings.train_sample)
         log.info("index: %s for %d vectors of dimension %d (%s)", choice.index_type, n, d, choice.factory)
         trained, params = train_on_sample(sample, choice, settings)
@@ -259,7 +263,7 @@ def build_index(
         directory.publish_bytes(TRAINED_PATH.format(modality=modality), trained[modality])
     seconds["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    built, duplicates = add_shards(vectors, trained, directory, d, prefix, 0, n, settings.vectors_per_shard)
+    built, duplicates = add_shards(vectors, trained, directory, d, prefix, 0, census, settings.vectors_per_shard)
     seconds["add"] = time.perf_counter() - clock
     now = _now()
     manifest = Manifest(
@@ -378,6 +382,25 @@ def draw_sample(vectors: DataFrame, rows: int, n: int, directory: OutputDir, nam
     return StagedSample(directory, name, sorted((row["part"], int(row["rows"])) for row in parts), rows)
 
 
+@dataclass(frozen=True)
+class IdCensus:
+    """The rows to add, and how many of them repeat the id of another (left out: one row per id is indexed)."""
+
+    rows: int
+    duplicates: int
+
+
+def id_census(vectors: DataFrame) -> IdCensus:
+    """One aggregation over the id column alone: 8 bytes a row through the shuffle, no vector read."""
+    row = (
+        vectors.groupBy("id")
+        .count()
+        .agg(F.sum("count").alias("rows"), F.sum(F.col("count") - 1).alias("duplicates"))
+        .first()
+    )
+    return IdCensus(int(row["rows"] or 0), int(row["duplicates"] or 0))
+
+
 def add_shards(
     vectors: DataFrame,
     trained: dict[str, bytes],
@@ -385,19 +408,37 @@ def add_shards(
     d: int,
     prefix: str,
     first_number: int,
-    count: int,
+    census: IdCensus,
     vectors_per_shard: int,
 ) -> tuple[list[Shard], int]:
-    """Add ``vectors`` (about ``count`` rows) to new shards, one Spark task each; returns (shards, duplicate ids)."""
-    shards = max(1, math.ceil(count / vectors_per_shard))
+    """Add ``vectors`` (``census``: :func:`id_census` of them) to new shards of ``vectors_per_shard`` vectors at
+    most; returns (shards, rows left out for their duplicate id)."""
+    if census.rows == 0:
+        return [], 0
+    shards = max(1, math.ceil(census.rows / vectors_per_shard))
     metadata = [name for name in _metadata_names() if name in vectors.columns]
-    # Partitioned by id: about count / shards rows each (ids are hash bits), and the rows of one id together, so
-    # that a task can keep one of two pairs sharing an id.
-    rows = vectors.select(*metadata, *VECTOR_COLUMNS.values()).repartition(shards, "id")
-    builder = ShardBuilder(directory, trained, d, prefix, first_number)
-    built = rows.mapInArrow(builder, BUILT_SCHEMA).collect()  # one small row per shard
-    built = sorted(built, key=lambda row: row["number"])
-    return [Shard(row["shard"], int(row["count"])) for row in built], sum(int(row["duplicates"]) for row in built)
+    rows = vectors.select(*metadata, *VECTOR_COLUMNS.values())
+    # The input partitions, coalesced (narrow: no shuffle) into one group per shard. Nothing locates a shard by
+    # its ids later (removal reads the metadata files for each id's shard), so any split of the rows serves, and
+    # hash-partitioning by id cost a shuffle of every vector: 4 GB of array<float> for 1M rows of two 512-float
+    # embeddings, a third of the build (bench/index.py). A group of more rows than a shard holds (fewer input
+    # partitions than shards) is cut into several shards by its task.
+    parts = rows.coalesce(shards)
+    partitions = shards
+    if census.duplicates:
+        # Ids that two rows share (true collisions of 63-bit sample ids: rare) must meet in one task, which keeps
+        # one row of each. Only their rows go through a shuffle, by id, into partitions of their own after the
+        # coalesced ones; the shuffle reads the input a second time, but moves a few rows.
+        shared_ids = F.broadcast(vectors.groupBy("id").count().where(F.col("count") > 1).select("id"))
+        shared_partitions = max(1, math.ceil(2 * census.duplicates / vectors_per_shard))
+        shared = rows.join(shared_ids, "id", "left_semi").repartition(shared_partitions, "id")
+        parts = rows.join(shared_ids, "id", "left_anti").coalesce(shards).unionByName(shared)
+        partitions += shared_partitions
+    builder = ShardBuilder(directory, trained, d, prefix, first_number, vectors_per_shard, partitions)
+    built = parts.mapInArrow(builder, BUILT_SCHEMA).collect()  # one small row per shard
+    duplicates = sum(int(row["duplicates"]) for row in built)
+    built = sorted((row for row in built if row["shard"]), key=lambda row: row["number"])
+    return [Shard(row["shard"], int(row["count"])) for row in built], duplicates
 
 
 def _update(
@@ -423,7 +464,7 @@ def _update(
     gone = indexed.join(current, "id", "left_anti")
     removals = {row["shard"]: int(row["count"]) for row in gone.groupBy("shard").count().collect()}  # per shard
     to_add = rows.join(indexed.select("id"), "id", "left_anti")
-    add_count = to_add.count()
+    to_add_census = id_census(to_add)
     seconds["diff"] = time.perf_counter() - clock
 
     replaced: dict[str, Shard | None] = {}
@@ -447,7 +488,7 @@ def _update(
 
     added_shards: list[Shard] = []
     duplicates = 0
-    if add_count:
+    if to_add_census.rows:
         clock = time.perf_counter()
         if (d := _dimension(to_add)) != previous.dim:
             raise ConfigError(
@@ -456,7 +497,7 @@ def _update(
             )
         trained = {m: _read_trained(directory, m) for m in MODALITIES}
         added_shards, duplicates = add_shards(
-            to_add, trained, directory, previous.dim, prefix, len(removals), add_count, settings.vectors_per_shard
+            to_add, trained, directory, previous.dim, prefix, len(removals), to_add_census, settings.vectors_per_shard
         )
         seconds["add"] = time.perf_counter() - clock
 

@@ -9,7 +9,7 @@ index directory by URI (local, object store) and every file appears whole or not
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -118,10 +118,13 @@ def shard_name(prefix: str, number: int) -> str:
 
 @dataclass(frozen=True)
 class ShardBuilder:
-    """mapInArrow function: the rows of one partition become one shard, numbered ``first_number + partition``.
+    """mapInArrow function: the rows of one partition become one shard, or several of ``max_rows`` vectors at
+    most when the partition holds more (the input had fewer partitions than shards, and coalescing cannot split
+    one). The ``piece``-th shard of partition ``p`` is numbered ``first_number + p + piece * partitions``: unique
+    across the tasks, and ``first_number + p`` (consecutive numbers) whenever no partition is cut.
 
-    The partition's rows must include every row with the same id (the caller partitions by id): an id seen twice
-    (two pairs whose uids share their first 63 bits) is kept once, its first row, and counted.
+    An id seen twice in the partition (two pairs whose uids share their first 63 bits) is kept once, its first row,
+    and counted; the caller brings every row of such an id into one partition (laion_spark.index.build.add_shards).
     """
 
     directory: OutputDir
@@ -129,48 +132,84 @@ class ShardBuilder:
     d: int
     prefix: str
     first_number: int
+    max_rows: int
+    partitions: int  # of the DataFrame the builder maps: the stride between one partition's shard numbers
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import faiss
         from pyspark import TaskContext
 
         limit_threads()
         context = TaskContext.get()
-        number = self.first_number + (context.partitionId() if context is not None else 0)
-        indexes = None
-        metadata: list[pa.Table] = []
+        partition = context.partitionId() if context is not None else 0
+        piece: _ShardPiece | None = None
+        pieces = 0
         seen: set[int] = set()
         duplicates = 0
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            if indexes is None:
-                indexes = {
-                    m: faiss.deserialize_index(np.frombuffer(self.trained[m], dtype=np.uint8)) for m in MODALITIES
-                }
             ids = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
             keep = _first_occurrences(ids, seen)
             duplicates += len(ids) - int(keep.sum())
-            for modality in MODALITIES:
-                vectors = vectors_from_arrow(batch.column(VECTOR_COLUMNS[modality]), self.d, f"{modality} embedding")
-                if not keep.all():
-                    vectors = vectors[keep]
-                add_vectors(indexes[modality], vectors, ids[keep])
-            metadata.append(metadata_of(batch, None if keep.all() else keep))
-        if indexes is None:
-            return  # an empty partition: no shard
-        name = shard_name(self.prefix, number)
-        shard = Shard(name, int(indexes[MODALITIES[0]].ntotal))
+            if not keep.all():
+                batch, ids = batch.filter(pa.array(keep)), ids[keep]
+            start = 0
+            while start < batch.num_rows:
+                if piece is None:
+                    number = self.first_number + partition + pieces * self.partitions
+                    piece = _ShardPiece(shard_name(self.prefix, number), number, self._empty_indexes())
+                    pieces += 1
+                take = min(batch.num_rows - start, self.max_rows - piece.count)
+                piece.add(batch.slice(start, take), ids[start : start + take], self.d)
+                start += take
+                if piece.count >= self.max_rows:
+                    # Written as soon as it is full: a task holds one shard's index at a time.
+                    yield piece.write(self.directory, duplicates)
+                    piece, duplicates = None, 0
+        if piece is not None:
+            yield piece.write(self.directory, duplicates)
+        elif duplicates:  # the last shard filled up before the last rows, all duplicates, came
+            yield _built_row(-1, "", 0, duplicates)
+
+    def _empty_indexes(self) -> dict:
+        import faiss
+
+        return {m: faiss.deserialize_index(np.frombuffer(self.trained[m], dtype=np.uint8)) for m in MODALITIES}
+
+
+@dataclass
+class _ShardPiece:
+    """One shard being filled by a task: its two indexes and its metadata, batch by batch."""
+
+    name: str
+    number: int
+    indexes: dict
+    metadata: list[pa.Table] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, batch: pa.RecordBatch, ids: np.ndarray, d: int) -> None:
         for modality in MODALITIES:
-            write_index(self.directory, shard.path(modality), indexes[modality])
-        table = pa.concat_tables(metadata).sort_by("id")
-        write_metadata(self.directory, shard.metadata_path, table)
-        yield pa.RecordBatch.from_pydict(
-            {"number": [number], "shard": [name], "count": [shard.count], "duplicates": [duplicates]},
-            schema=pa.schema(
-                [("number", pa.int32()), ("shard", pa.string()), ("count", pa.int64()), ("duplicates", pa.int64())]
-            ),
-        )
+            vectors = vectors_from_arrow(batch.column(VECTOR_COLUMNS[modality]), d, f"{modality} embedding")
+            add_vectors(self.indexes[modality], vectors, ids)
+        self.metadata.append(metadata_of(batch))
+        self.count += batch.num_rows
+
+    def write(self, directory: OutputDir, duplicates: int) -> pa.RecordBatch:
+        shard = Shard(self.name, int(self.indexes[MODALITIES[0]].ntotal))
+        for modality in MODALITIES:
+            write_index(directory, shard.path(modality), self.indexes[modality])
+        table = pa.concat_tables(self.metadata).sort_by("id")
+        write_metadata(directory, shard.metadata_path, table)
+        return _built_row(self.number, self.name, shard.count, duplicates)
+
+
+def _built_row(number: int, name: str, count: int, duplicates: int) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {"number": [number], "shard": [name], "count": [count], "duplicates": [duplicates]},
+        schema=pa.schema(
+            [("number", pa.int32()), ("shard", pa.string()), ("count", pa.int64()), ("duplicates", pa.int64())]
+        ),
+    )
 
 
 @dataclass(frozen=True)

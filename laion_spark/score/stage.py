@@ -20,7 +20,17 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from laion_spark.config import ClipConfig, Config, ConfigError
-from laion_spark.schemas import CANDIDATES, DATASET, DATASET_SCHEMA, EMBEDDINGS, EMBEDDINGS_SCHEMA, IMAGES
+from laion_spark.curate.chain import (
+    DECONTAMINATE,
+    IMAGE_CLUSTER,
+    NEAR_DUP,
+    SEMDEDUP,
+    THRESHOLD,
+    apply_filter_chain,
+    validate_filters,
+)
+from laion_spark.curate.chain import STAGE as CHAIN_STAGE
+from laion_spark.schemas import CANDIDATES, DATASET, DATASET_SCHEMA, EMBEDDINGS, EMBEDDINGS_SCHEMA, IMAGES, RUNS
 from laion_spark.score.model import check_loadable
 from laion_spark.score.nsfw import load_nsfw_detector
 from laion_spark.score.scoring import OK, ScoringSettings, score_pairs
@@ -32,6 +42,7 @@ from laion_spark.storage import (
     overwrite,
     read_table,
 )
+from laion_spark.storage.audit import file_checksum, record_rejections, record_run, rejection_rows, replace_rejections
 from laion_spark.storage.slices import BUCKET, plan_slices, staged_work, with_bucket
 from laion_spark.storage.stats import count_drops
 
@@ -44,6 +55,7 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
     """Score every successfully downloaded image that has no embedding yet; write ``embeddings`` and ``dataset``."""
     clip = config.clip
     _validate(clip)
+    filters = validate_filters(config)
     settings = ScoringSettings.from_config(clip)
     # Fail before any Spark job: a wrong model name or path is one error here, not one per task.
     embed_dim = check_loadable(settings.spec)
@@ -79,18 +91,20 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
                 _score_slice(spark, lake, rows, piece.groups, settings, run_id, clip.partitions)
                 log.info("score: slice %d of %d committed (~%d images)", piece.number, len(slices), piece.rows)
     this_run = read_table(spark, lake, EMBEDDINGS, missing_ok=True).where(F.col("run_id") == run_id)
-    threshold_cut = clip.top_k_percent <= 0
-    below_threshold = (F.col("similarity") < F.lit(clip.threshold)) if threshold_cut else F.lit(False)
+    incremental = filters == [THRESHOLD]
+    below_threshold = (F.col("similarity") < F.lit(clip.threshold)) if incremental else F.lit(False)
     reason = F.when(F.col("status") != OK, F.lit("failed_to_decode")).when(below_threshold, F.lit("above_threshold"))
-    reasons = ["failed_to_decode", "above_threshold"] if threshold_cut else ["failed_to_decode"]
+    reasons = ["failed_to_decode", "above_threshold"] if incremental else ["failed_to_decode"]
     outcome = count_drops(this_run, reason, reasons)
     counter.add("scored", to_score_count, outcome.rows_in)
     counter.add_drops(outcome.rows_in, outcome.dropped)
+    audit = config.dataset.rejections
+    if audit and to_score_count:
+        failed = this_run.where(F.col("status") != OK)
+        record_rejections(rejection_rows(failed, STAGE, run_id, "failed_to_decode", F.col("error")), lake)
+    record_run(spark, lake, run_id, STAGE, config, settings.spec.describe(), model_checksum(clip))
 
-    if clip.top_k_percent > 0:
-        kept, considered = rebuild_dataset(spark, config, lake)
-        counter.add("top_k_percent", considered, kept)
-    else:
+    if incremental:
         # Every passing pair that dataset lacks, not only this run's: a run that stopped between the two writes
         # is completed by the next one. Only uid and score columns are read from embeddings.
         passing = build_dataset(
@@ -98,10 +112,31 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
             images,
             candidates,
             F.col("similarity") >= F.lit(clip.threshold),
+            read_table(spark, lake, RUNS, missing_ok=True),
         )
         merge_insert_new(passing, lake, DATASET, ["uid"])
+        if audit and to_score_count:
+            below = this_run.where((F.col("status") == OK) & below_threshold)
+            record_rejections(_threshold_rejections(below, clip.threshold, run_id), lake)
+    else:
+        rebuild_dataset(spark, config, lake, run_id, counter)
     counter.write(spark, lake)
     return counter
+
+
+def _threshold_rejections(below: DataFrame, threshold: float, run_id: str) -> DataFrame:
+    detail = F.format_string(f"similarity %.4f below clip.threshold {threshold:g}", F.col("similarity"))
+    return rejection_rows(below, CHAIN_STAGE, run_id, THRESHOLD, detail, value=F.col("similarity"), bound=threshold)
+
+
+def model_checksum(clip: ClipConfig) -> str | None:
+    """sha256 of the checkpoint the scores come from, when ``clip.pretrained`` is a local file."""
+    from laion_spark.score.model import resolve_local_path
+
+    try:
+        return file_checksum(resolve_local_path(clip.pretrained))
+    except (OSError, ValueError):
+        return None
 
 
 def _score_slice(
@@ -134,33 +169,118 @@ def to_embeddings_rows(scored: DataFrame, settings: ScoringSettings, run_id: str
     return scored.select([constants.get(name, F.col(name)).alias(name) for name in EMBEDDINGS_SCHEMA.fieldNames()])
 
 
-def build_dataset(embeddings: DataFrame, images: DataFrame, candidates: DataFrame, keep: Column) -> DataFrame:
-    """Scored pairs that pass ``keep`` -> the ``dataset`` table's columns (url, size and language joined back)."""
-    passing = embeddings.where((F.col("status") == OK) & keep).select("uid", "similarity", "nsfw", "punsafe", "model")
-    image_columns = images.where(F.col("status") == "success").select(
-        "uid", "url", "width", "height", "original_width", "original_height"
+def build_dataset(
+    embeddings: DataFrame,
+    images: DataFrame,
+    candidates: DataFrame,
+    keep: Column,
+    runs: DataFrame | None = None,
+) -> DataFrame:
+    """Scored pairs that pass ``keep`` -> the ``dataset`` table's columns: url, size and language joined back, and
+    the lineage (source record, the run of each stage, the model's checksum and each stage's config hash from
+    ``runs``; null where ``runs`` is not given or lacks the run)."""
+    passing = embeddings.where((F.col("status") == OK) & keep).select(
+        "uid", "similarity", "nsfw", "punsafe", "model", F.col("run_id").alias("score_run_id")
     )
-    joined = passing.join(image_columns, "uid").join(candidates.select("uid", "text", "language"), "uid")
+    image_columns = images.where(F.col("status") == "success").select(
+        "uid",
+        "url",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        F.regexp_extract("fetch_batch", SLICE_RUN, 1).alias("download_run_id"),
+    )
+    candidate_columns = candidates.select(
+        "uid",
+        "text",
+        "language",
+        "source_file",
+        "record_offset",
+        "crawl_date",
+        "page_url",
+        _column_or_null(candidates, "ingest_batch").alias("ingest_batch"),
+        _column_or_null(candidates, "run_id").alias("candidates_run_id"),
+    ).withColumn("extract_run_id", F.nullif(F.regexp_extract("ingest_batch", SLICE_RUN, 1), F.lit("")))
+    joined = passing.join(image_columns, "uid").join(candidate_columns, "uid")
+    joined = joined.withColumn("download_run_id", F.nullif(F.col("download_run_id"), F.lit("")))
+    joined = _with_run_hashes(joined, runs)
     return joined.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in DATASET_SCHEMA.fields])
 
 
-def rebuild_dataset(spark: SparkSession, config: Config, lake: str) -> tuple[int, int]:
-    """Rewrite ``dataset`` from every scored pair with the configured cut; returns (rows kept, rows considered).
+# <run id>-<slice number>: the partition column of pairs and images names the run that wrote it.
+SLICE_RUN = r"^(.*)-[0-9]+$"
+RUN_STAGES = {"extract": "extract_run_id", "candidates": "candidates_run_id", "download": "download_run_id"}
 
-    Top-k% keeps the ``clip.top_k_percent`` most similar pairs (an approximate quantile of all similarities).
+
+def _column_or_null(df: DataFrame, name: str) -> Column:
+    return F.col(name) if name in df.columns else F.lit(None).cast("string")
+
+
+def _with_run_hashes(rows: DataFrame, runs: DataFrame | None) -> DataFrame:
+    """``model_checksum`` and ``config_hashes`` (stage -> config hash) from the runs table (one row per run and
+    stage: small, broadcast)."""
+    stages = {**RUN_STAGES, STAGE: "score_run_id"}
+    if runs is None:
+        return rows.withColumn("model_checksum", F.lit(None).cast("string")).withColumn(
+            "config_hashes", F.lit(None).cast("map<string,string>")
+        )
+    for stage, run_column in stages.items():
+        of_stage = runs.where(F.col("stage") == stage).select(
+            F.col("run_id").alias(run_column),
+            F.col("config_hash").alias(f"_hash_{stage}"),
+            *([F.col("model_checksum")] if stage == STAGE else []),
+        )
+        of_stage = of_stage.dropDuplicates([run_column])
+        rows = rows.join(F.broadcast(of_stage), run_column, "left")
+    entries = [F.struct(F.lit(stage).alias("key"), F.col(f"_hash_{stage}").alias("value")) for stage in stages]
+    present = F.filter(F.array(*entries), lambda entry: entry["value"].isNotNull())
+    return rows.withColumn("config_hashes", F.map_from_entries(present)).drop(*(f"_hash_{s}" for s in stages))
+
+
+def rebuild_dataset(
+    spark: SparkSession,
+    config: Config,
+    lake: str,
+    run_id: str | None = None,
+    counter: StageCounter | None = None,
+) -> tuple[int, int]:
+    """Rewrite ``dataset`` from every scored pair through the filter chain (``dataset.filters``), without
+    rescoring; returns (rows kept, rows considered). The chain's rejections replace the ``dataset`` partition of
+    ``rejections``; each step is counted in ``counter`` (a new ``score`` counter, written here, when None).
     """
-    clip = config.clip
+    run_id = run_id or (counter.run_id if counter else new_run_id())
+    own_counter = counter is None
+    counter = counter or StageCounter(run_id, STAGE)
+    filters = validate_filters(config)
     embeddings = read_table(spark, lake, EMBEDDINGS)
-    ok = embeddings.where(F.col("status") == OK)
-    considered = ok.count()
-    if clip.top_k_percent > 0:
-        quantile = max(0.0, 1.0 - clip.top_k_percent / 100.0)
-        cuts = ok.approxQuantile("similarity", [quantile], 0.001) if considered else []
-        keep = F.col("similarity") >= F.lit(cuts[0]) if cuts else F.lit(False)
-    else:
-        keep = F.col("similarity") >= F.lit(clip.threshold)
-    rows = build_dataset(embeddings, read_table(spark, lake, IMAGES), read_table(spark, lake, CANDIDATES), keep)
-    overwrite(rows, lake, DATASET)
+    images = read_table(spark, lake, IMAGES)
+    candidates = read_table(spark, lake, CANDIDATES)
+    needs_vectors = any(name in filters for name in (SEMDEDUP, DECONTAMINATE, IMAGE_CLUSTER))
+    needs_phash = any(name in filters for name in (NEAR_DUP, DECONTAMINATE))
+    pool = embeddings.where(F.col("status") == OK).select(
+        "uid", "similarity", *(["image_embedding"] if needs_vectors else [])
+    )
+    if needs_phash:
+        phash = _column_or_null(images, "phash").cast("long").alias("phash")
+        pool = pool.join(images.where(F.col("status") == "success").select("uid", phash), "uid")
+    pool = pool.join(candidates.select("uid", "crawl_date"), "uid")
+    with apply_filter_chain(spark, config, lake, pool, run_id) as chain:
+        kept_uids = chain.kept.select("uid")
+        rows = build_dataset(
+            embeddings.join(kept_uids, "uid", "left_semi"),
+            images,
+            candidates,
+            F.lit(True),
+            read_table(spark, lake, RUNS, missing_ok=True),
+        )
+        overwrite(rows, lake, DATASET)
+        replace_rejections(chain.rejections, lake, CHAIN_STAGE, config.dataset.rejections)
+        for name, rows_in, rows_out in chain.steps:
+            counter.add(f"{CHAIN_STAGE}.{name}", rows_in, rows_out)
+        considered = chain.steps[0][1] if chain.steps else 0
+    if own_counter:
+        counter.write(spark, lake)
     return read_table(spark, lake, DATASET).count(), considered
 
 

@@ -105,10 +105,13 @@ def ensure_table(
 ) -> None:
     """Create the table empty with its declared schema (NOT NULL columns stay NOT NULL in Delta) and Delta
     ``properties`` (by default the table's own in ``schemas.TABLE_PROPERTIES``: ``pairs`` records its change data
-    feed), partitioned by its ``schemas.PARTITION_COLUMNS``. An existing table is left as it is."""
-    if table_exists(spark, lake, name):
-        return
+    feed), partitioned by its ``schemas.PARTITION_COLUMNS``. An existing table gets the nullable columns that
+    ``schema`` declares and it lacks (a lake written by an older laion_spark: ``images.phash``), in one ``ALTER
+    TABLE ... ADD COLUMNS`` commit, so that appends and merges of today's rows succeed; its rows read null there."""
     schema = schema or SCHEMAS[name]
+    if table_exists(spark, lake, name):
+        _add_missing_columns(spark, lake, name, schema)
+        return
     properties = TABLE_PROPERTIES.get(name, {}) if properties is None else properties
     partitioned = [c for c in PARTITION_COLUMNS.get(name, []) if c in schema.names]
     if is_catalog_lake(lake):
@@ -122,6 +125,16 @@ def ensure_table(
     spark.sql(
         f"CREATE TABLE IF NOT EXISTS {table_ref(lake, name)} ({columns}) USING DELTA{partitioned_by}{tblproperties}"
     )
+
+
+def _add_missing_columns(spark: SparkSession, lake: str, name: str, schema: StructType) -> None:
+    present = {column.lower() for column in read_table(spark, lake, name).columns}
+    missing = [f for f in schema.fields if f.name.lower() not in present and f.nullable]
+    if not missing:
+        return
+    columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+    log.info("table %s: adding column(s) %s (written by an older laion_spark)", name, columns)
+    spark.sql(f"ALTER TABLE {table_ref(lake, name)} ADD COLUMNS ({columns})")
 
 
 @dataclass(frozen=True)
