@@ -151,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(score)
     score.set_defaults(handler=_run_score)
 
+    dataset = stages.add_parser(
+        "dataset",
+        help="re-cut 'dataset' from 'embeddings' through the filter chain (dataset.filters), without rescoring",
+        description="Rebuild the 'dataset' table from every scored pair through dataset.filters, in order:\n"
+        "threshold, top_k_percent, near_dup, semdedup, decontaminate, image_cluster (README \"Curation\").\n"
+        "Each step's rows in and out go to stage_stats, the pairs it removed (and why) to rejections.\n"
+        "  laion-spark dataset --lake L --set 'dataset.filters=[threshold,near_dup]'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(dataset)
+    dataset.set_defaults(handler=_run_dataset)
+
     run = stages.add_parser(
         "run",
         help="every stage in order (extract -> candidates -> download -> score): one scheduled ETL run",
@@ -363,6 +375,17 @@ def _run_score(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.score import run_score
 
     print(run_score(_spark(config), config, args.lake).summary())
+
+
+def _run_dataset(args: argparse.Namespace, config: Config) -> None:
+    from laion_spark.score import rebuild_dataset
+    from laion_spark.storage import StageCounter, new_run_id
+
+    counter = StageCounter(new_run_id(), "score")
+    kept, considered = rebuild_dataset(_spark(config), config, args.lake, counter=counter)
+    counter.write(_spark(config), args.lake)
+    print(counter.summary())
+    print(f"dataset: {kept:,} of {considered:,} scored pairs")
 
 
 def _run_pipeline(args: argparse.Namespace, config: Config) -> int:

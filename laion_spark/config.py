@@ -258,16 +258,18 @@ class NearDupConfig:
     # near_dup: two images whose 64-bit pHashes differ in at most this many bits are near duplicates (a banded
     # join: the hash is split into phash_distance + 1 bands, so that any such pair shares a band).
     phash_distance: int = 4
-    # semdedup: k-means clusters of the image embeddings (0: about sqrt(rows), at most 50,000), trained on at most
-    # kmeans_sample rows; within a cluster, pairs with cosine >= 1 - semdedup_epsilon are duplicates.
+    # semdedup: k-means clusters of the image embeddings (0: about sqrt(rows), at most 50,000).
     semdedup_clusters: int = 0
+    # semdedup: within a cluster, two images whose embeddings have cosine >= 1 - this are duplicates.
     semdedup_epsilon: float = 0.05
+    # k-means (semdedup, image_cluster) trains on a random sample of at most this many embeddings.
     kmeans_sample: int = 200_000
-    # decontaminate: evaluation images (folders of image files, parquet files with an image column, or WebDataset
-    # .tar shards); a pool image within eval_phash_distance bits of one, or with image-embedding cosine >=
-    # eval_min_cosine, is dropped, and the rejection names the eval set (the path as given).
+    # decontaminate: evaluation images: folders of image files, parquet files with an image column, or WebDataset
+    # .tar shards. A rejection names the eval set by the path given here.
     eval_sets: list[str] = field(default_factory=list)
+    # decontaminate: a pool image within this many pHash bits of an eval image is dropped.
     eval_phash_distance: int = 4
+    # decontaminate: a pool image whose image embedding has at least this cosine with an eval image's is dropped.
     eval_min_cosine: float = 0.95
 
 
@@ -276,9 +278,10 @@ class ImageClusterConfig:
     """DataComp's image-based filter: k-means of the pool's image embeddings; keep the clusters that reference images
     fall in."""
 
-    # k-means clusters (DataComp used 100,000 on ViT-L/14 for 128M samples; 0: about rows / 1,000, at least 1).
+    # k-means clusters (DataComp: 100,000 on ViT-L/14 for 128M samples; 0: about rows / 1,000, at least 1).
     clusters: int = 0
-    # Reference images: a folder of image files, parquet files with an image column, or WebDataset shards.
+    # Reference images (e.g. ImageNet train): folders of image files, parquet files with an image column, or
+    # WebDataset .tar shards.
     reference: list[str] = field(default_factory=list)
 
 

@@ -84,6 +84,8 @@ class ChainResult:
     kept: DataFrame
     rejections: DataFrame
     steps: list[tuple[str, int, int]] = field(default_factory=list)
+    # (step, what, rows): a breakdown of a step's removals, e.g. decontaminate's per eval set.
+    breakdown: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -96,6 +98,7 @@ def apply_filter_chain(spark: SparkSession, config: Config, lake: str, pool: Dat
         rows_in = pool.count()
         removed: list[DataFrame] = []
         steps: list[tuple[str, int, int]] = []
+        breakdown: list[tuple[str, str, int]] = []
         for number, name in enumerate(filters):
             rejected = STEPS[name](spark, config, pool, current, run_id)
             rejected = stack.enter_context(staged(rejected, lake, f"chain_{number}_{name}"))
@@ -104,6 +107,9 @@ def apply_filter_chain(spark: SparkSession, config: Config, lake: str, pool: Dat
             )
             rows_out = current.count()
             steps.append((name, rows_in, rows_out))
+            if name == DECONTAMINATE:  # which eval set each removal matched: one row per eval set
+                per_set = rejected.groupBy("eval_set").count().orderBy("eval_set").collect()
+                breakdown += [(name, row.eval_set, int(row["count"])) for row in per_set]
             log.info("dataset: %s kept %d of %d", name, rows_out, rows_in)
             rows_in = rows_out
             removed.append(rejected)
@@ -111,7 +117,7 @@ def apply_filter_chain(spark: SparkSession, config: Config, lake: str, pool: Dat
         rejections = empty
         for frame in removed:
             rejections = rejections.unionByName(frame)
-        yield ChainResult(current, rejections, steps)
+        yield ChainResult(current, rejections, steps, breakdown)
 
 
 def _threshold(spark: SparkSession, config: Config, pool: DataFrame, current: DataFrame, run_id: str) -> DataFrame:
@@ -167,12 +173,12 @@ def _semdedup(spark: SparkSession, config: Config, pool: DataFrame, current: Dat
 
 def _decontaminate(spark: SparkSession, config: Config, pool: DataFrame, current: DataFrame, run_id: str) -> DataFrame:
     from laion_spark.curate.decontaminate import contaminated
-    from laion_spark.curate.eval_sets import image_signatures, read_image_sources
+    from laion_spark.curate.eval_sets import load_signatures
 
     dedup = config.dedup
-    evals = image_signatures(read_image_sources(spark, dedup.eval_sets), config.clip)
+    evals = load_signatures(spark, dedup.eval_sets, config.clip, what="dedup.eval_sets")
     found = contaminated(
-        current.select("uid", "phash", "image_embedding"), evals, dedup.eval_phash_distance, dedup.eval_min_cosine
+        current.select("uid", "phash", "image_embedding"), evals.rows, dedup.eval_phash_distance, dedup.eval_min_cosine
     )
     by_phash = F.col("match") == "phash"
     detail = F.when(
@@ -189,18 +195,19 @@ def _decontaminate(spark: SparkSession, config: Config, pool: DataFrame, current
 
 
 def _image_cluster(spark: SparkSession, config: Config, pool: DataFrame, current: DataFrame, run_id: str) -> DataFrame:
-    from laion_spark.curate.eval_sets import image_signatures, read_image_sources
-    from laion_spark.curate.image_cluster import keep_reference_clusters, reference_clusters
-    from laion_spark.curate.kmeans import default_clusters, train_kmeans
+    from laion_spark.curate.eval_sets import load_signatures
+    from laion_spark.curate.image_cluster import image_cluster_count, keep_reference_clusters, reference_clusters
+    from laion_spark.curate.kmeans import train_kmeans
 
     settings = config.dataset.image_cluster
+    # Clusters of the whole scored pool, as DataComp clusters its whole pool before intersecting.
     embedded = pool.select("uid", "image_embedding")
-    k = settings.clusters or default_clusters(embedded.count())
+    k = image_cluster_count(embedded.count(), settings.clusters)
     centroids = train_kmeans(embedded, "image_embedding", k, config.dedup.kmeans_sample)
-    reference = image_signatures(read_image_sources(spark, settings.reference), config.clip)
-    kept_clusters = reference_clusters(reference, centroids)
+    reference = load_signatures(spark, settings.reference, config.clip, what="dataset.image_cluster.reference")
+    kept_clusters = reference_clusters(reference.rows, centroids)
     found = keep_reference_clusters(current.select("uid", "image_embedding"), centroids, kept_clusters)
-    detail = F.format_string(f"image cluster %d of {k} holds no reference image", F.col("cluster"))
+    detail = F.format_string(f"image cluster %d of {len(centroids)} holds no reference image", F.col("cluster"))
     return rejection_rows(found, STAGE, run_id, IMAGE_CLUSTER, detail, value=F.col("cluster").cast("double"))
 
 

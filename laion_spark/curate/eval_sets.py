@@ -212,9 +212,10 @@ def shard_images(shard: str, content: bytes) -> tuple[list[str], list[bytes]]:
                 handle = archive.extractfile(member)
                 if handle is None:
                     continue
+                data = handle.read()  # before the key: a member cut short adds neither
                 seen.add(key)
                 keys.append(key)
-                images.append(handle.read())
+                images.append(data)
     except (tarfile.TarError, EOFError, OSError) as exc:
         log.warning("WebDataset shard %s is damaged after %d images (%s); keeping those", shard, len(keys), exc)
     return keys, images

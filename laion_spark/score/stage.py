@@ -278,6 +278,9 @@ def rebuild_dataset(
         replace_rejections(chain.rejections, lake, CHAIN_STAGE, config.dataset.rejections)
         for name, rows_in, rows_out in chain.steps:
             counter.add(f"{CHAIN_STAGE}.{name}", rows_in, rows_out)
+            for step, what, removed in chain.breakdown:
+                if step == name:
+                    counter.add_outcome(f"{step}:{what}", rows_in, removed)
         considered = chain.steps[0][1] if chain.steps else 0
     if own_counter:
         counter.write(spark, lake)
