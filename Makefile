@@ -56,6 +56,7 @@ bench: setup
 	$(PY) bench/download.py
 	$(PY) bench/score.py
 	$(PY) bench/index.py
+	$(PY) bench/curation.py
 	$(PY) bench/scale.py
 
 clean:

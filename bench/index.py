@@ -8,11 +8,12 @@ The vectors are a Gaussian mixture around a few thousand centres (cluster weight
 spread), L2-normalised like CLIP embeddings, written once as parquet with pyarrow (under bench/data/index/) and
 reused. The same vectors serve as image and text embeddings, so both sides build two indexes, as the stage does.
 
-* Spark: ``laion_spark.index.build_index`` over ``spark.read.parquet`` (``local[N]``, N = the cores given): count,
-  the bounded training sample (staged by the tasks, read by the driver), training and nprobe calibration on the
-  driver (faiss on all N cores), then one
-  task per shard adding vectors (one faiss thread each; ``index.vectors_per_shard`` = rows / N, so that every core
-  builds a shard) and writing its files. Timed from the read to the manifest; the session is started before.
+* Spark: ``laion_spark.index.build_index`` over ``spark.read.parquet`` (``local[N]``, N = the cores given): the id
+  census (rows and duplicate ids, over the id column), the bounded training sample (staged by the tasks, read by
+  the driver), training and nprobe calibration on the driver (faiss on all N cores), then one task per shard (the
+  input partitions coalesced, no shuffle) adding vectors (one faiss thread each; ``index.vectors_per_shard`` =
+  rows / N, so that every core builds a shard) and writing its files. Timed from the read to the manifest; the
+  session is started before.
 * single process: the same faiss factory string, training sample size and nprobe, in plain faiss calls on all N
   cores: read the parquet (pyarrow), train, add, write the index files. The floor.
 

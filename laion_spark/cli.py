@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset",
         help="re-cut 'dataset' from 'embeddings' through the filter chain (dataset.filters), without rescoring",
         description="Rebuild the 'dataset' table from every scored pair through dataset.filters, in order:\n"
-        "threshold, top_k_percent, near_dup, semdedup, decontaminate, image_cluster (README \"Curation\").\n"
+        'threshold, top_k_percent, near_dup, semdedup, decontaminate, image_cluster (README, "5. dataset").\n'
         "Each step's rows in and out go to stage_stats, the pairs it removed (and why) to rejections.\n"
         "  laion-spark dataset --lake L --set 'dataset.filters=[threshold,near_dup]'",
         formatter_class=argparse.RawDescriptionHelpFormatter,

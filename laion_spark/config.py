@@ -222,8 +222,8 @@ class IndexConfig:
     flat_max_rows: int = 100_000
     # At most this many vectors (a random sample of embeddings) train the IVF quantizer.
     train_sample: int = 200_000
-    # Vectors per index shard, about (rows are hash-partitioned by id into ceil(rows / this) shards, so a shard
-    # may exceed it by a few square roots of it): each shard is built by one Spark task.
+    # Vectors per index shard, at most: the input partitions are grouped (no shuffle) into about ceil(rows / this)
+    # tasks, and a task with more rows cuts them into several shards.
     vectors_per_shard: int = 1_000_000
     # IVF lists probed per query (0: the smallest power of two reaching target_recall, measured at build time on a
     # held-out part of the training sample against exact search; recorded beside the index).

@@ -428,7 +428,7 @@ def add_shards(
     if census.duplicates:
         # Ids that two rows share (true collisions of 63-bit sample ids: rare) must meet in one task, which keeps
         # one row of each. Only their rows go through a shuffle, by id, into partitions of their own after the
-        # coalesced ones; the shuffle reads the input a second time, but moves a few rows.
+        # coalesced ones: the input is read once more for them (and for their ids), but few rows move.
         shared_ids = F.broadcast(vectors.groupBy("id").count().where(F.col("count") > 1).select("id"))
         shared_partitions = max(1, math.ceil(2 * census.duplicates / vectors_per_shard))
         shared = rows.join(shared_ids, "id", "left_semi").repartition(shared_partitions, "id")
