@@ -120,7 +120,9 @@ def test_a_replaced_candidate_keeps_its_uid_and_takes_the_earlier_capture(scenar
     assert uids(tables["after_second"]) == ["a-bread", "a-cat", "b-tea"]
     cat = next(row for row in tables["after_second"].values() if row["uid"] == "a-cat")
     once = next(row for row in tables["once"].values() if row["uid"] == "b-cat")
-    assert cat == {**once, "uid": "a-cat"}
+    lineage = {"run_id": cat["run_id"], "ingest_batch": cat["ingest_batch"]}  # the run that replaced it
+    assert cat == {**once, "uid": "a-cat", **lineage}
+    assert cat["run_id"] != once["run_id"]
     assert (cat["text"], cat["source_file"], cat["record_offset"], cat["crawl_date"], cat["page_url"]) == (
         "A BLACK cat sleeping on the old red sofa",
         "b.wat.gz",
