@@ -93,6 +93,11 @@ def embeddings(spark, demo_lake) -> dict[str, np.ndarray]:
     return {row.uid: np.asarray(row.image_embedding, dtype=np.float32) for row in rows}
 
 
+def same_image(embeddings: dict[str, np.ndarray], vector: np.ndarray) -> set[str]:
+    """The uids whose image embedding is ``vector`` (the same image under other alt texts)."""
+    return {uid for uid, other in embeddings.items() if np.allclose(other, vector, atol=1e-3)}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -105,7 +110,7 @@ def post(url: str, body: dict[str, Any]) -> Any:
         return json.loads(response.read())
 
 
-def wait_for(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> Any:
+def wait_for(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 600) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -182,7 +187,10 @@ def test_clip_retrieval_index_and_back_serve_our_embeddings_export(
                 "deduplicate": False,
             },
         )
-        assert found[0]["uid"] == uid and found[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+        # Its own row first, or a row of the very same image: the demo serves some images under several alt texts,
+        # and such ties come in the export's row order.
+        assert found[0]["uid"] in same_image(embeddings, vector) and uid in {result["uid"] for result in found}
+        assert found[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
 
         # /metadata maps clip-retrieval's ids (row numbers of the export) back to our rows.
         ids = [result["id"] for result in found]
@@ -222,7 +230,7 @@ def test_clip_retrieval_client_queries_laion_spark_serve(peer, spark, demo_lake,
     assert [result["url"] for result in answers["text"]] == [match.url for match in ours]
     ours = search_lake(config, indexed_lake, image_path=str(query_image), k=K)
     assert_same_neighbours(answers["image"], ours, "ClipClient image query against laion-spark serve")
-    assert answers["embedding"][0]["uid"] == uid
+    assert answers["embedding"][0]["uid"] in same_image(embeddings, vector)
     assert answers["embedding"][0]["similarity"] == pytest.approx(1.0, abs=1e-3)
 
 
