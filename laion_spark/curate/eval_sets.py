@@ -254,19 +254,13 @@ def oriented_rgb(image_bytes: bytes | None) -> Any:
     """
     from PIL import Image, ImageOps
 
+    from laion_spark.download.images import to_rgb
+
     if not image_bytes:
         raise ValueError("no image bytes")
     image = Image.open(io.BytesIO(image_bytes))
     image.load()
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def signature_batches(

@@ -110,7 +110,7 @@ def process_image(body: bytes, settings: ImageSettings) -> ProcessedImage:
         facts.status, facts.error = status.FAILED_TO_DECODE, f"{type(exc).__name__}: {exc}"
         return facts
     try:
-        upright = _to_rgb(ImageOps.exif_transpose(image))
+        upright = to_rgb(ImageOps.exif_transpose(image))
         image_phash = phash(upright)
         resized = _resize(upright, settings)
         facts.image = _encode(resized, settings)
@@ -179,7 +179,8 @@ def _draft(image: Image.Image, width: int, height: int, settings: ImageSettings)
         image.draft("RGB", (math.ceil(header_w * scale), math.ceil(header_h * scale)))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels on white; shared with the eval and reference images (laion_spark.curate)."""
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):

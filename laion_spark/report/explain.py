@@ -14,6 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from laion_spark.config import ConfigError
+from laion_spark.curate.phash import phash_hex
 from laion_spark.schemas import CANDIDATES, DATASET, EMBEDDINGS, IMAGES, PAIRS, REJECTIONS, RUNS
 from laion_spark.storage.delta import read_table, table_exists
 
@@ -153,7 +154,7 @@ def format_story(story: PairStory) -> str:
     if story.image:
         i = story.image
         size = f"{i['original_width']}x{i['original_height']} -> {i['width']}x{i['height']}" if i["width"] else ""
-        phash = f", pHash {i['phash'] & 0xFFFFFFFFFFFFFFFF:016x}" if i.get("phash") is not None else ""
+        phash = f", pHash {phash_hex(i['phash'])}" if i.get("phash") is not None else ""
         lines.append(
             f"    {i['status']} (HTTP {i['http_status']}) {size} sha256 {i['sha256']}{phash}"
             f"{run('download', _batch_run(i.get('fetch_batch')))}"
