@@ -1,6 +1,6 @@
 """Eval-set decontamination and DataComp's image-cluster filter, on the demo lake's real images and the tiny CLIP.
 
-The eval sets are written per test module: a pool image's own bytes in a folder, re-encoded copies of it (JPEG
+The eval sets are written per test module: a pool image's original bytes (as the demo's server sent them) in a folder, re-encoded copies of it (JPEG
 quality 70, resized) in a WebDataset shard and in an img2dataset-style parquet file, a crop of it (a copy whose pHash
 moves but whose embedding stays close), and images unlike anything the synthetic pool holds (noise, a gradient, a
 checkerboard) beside a file that is not an image.
@@ -31,9 +31,12 @@ from laion_spark.curate.decontaminate import (
 from laion_spark.curate.eval_sets import load_signatures, read_image_sources, shard_images
 from laion_spark.curate.image_cluster import drop_rejected, keep_reference_clusters, reference_clusters
 from laion_spark.curate.kmeans import train_kmeans
+from laion_spark.curate.phash import hamming_distance, phash
+from laion_spark.download.images import to_rgb
 from laion_spark.schemas import EMBEDDINGS, IMAGES
 from laion_spark.storage import read_table
 from laion_spark.testing import synthetic
+from laion_spark.testing.server import synthetic_image_bytes
 
 MAX_DISTANCE = 4
 MIN_COSINE = 0.95
@@ -55,33 +58,59 @@ def _tar(path: Path, members: dict[str, bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def pool(spark, demo_lake):
-    """uid, url, phash, image_embedding of every scored pool image; the pHash from the images table, or computed
-    here from the stored bytes where the download did not fill it."""
-    from laion_spark.curate.eval_sets import image_signatures
-
+    """uid, url, phash, image_embedding of every scored pool image."""
     images = read_table(spark, demo_lake.lake, IMAGES).where(F.col("status") == "success")
     embeddings = read_table(spark, demo_lake.lake, EMBEDDINGS).where(F.col("status") == "ok")
-    hashes = images.select("uid", "phash")
-    if "phash" not in images.columns or hashes.where(F.col("phash").isNotNull()).limit(1).count() == 0:
-        hashes = image_signatures(images.select("uid", "image"), demo_lake.config.clip).select("uid", "phash")
-    rows = images.select("uid", "url").join(hashes, "uid").join(embeddings.select("uid", "image_embedding"), "uid")
+    rows = images.select("uid", "url", "phash").join(embeddings.select("uid", "image_embedding"), "uid")
     return rows.localCheckpoint()
 
 
+def _copies(original: Image.Image) -> dict[str, bytes]:
+    """What the eval sets hold of the planted image besides its own bytes: a resized JPEG at quality 70 (the
+    WebDataset and parquet sets) and a crop (a copy whose pHash moves but whose embedding stays close)."""
+    return {
+        "reencoded": _jpeg(original.resize((200, 200), Image.Resampling.BICUBIC), quality=70),
+        "cropped": _jpeg(original.crop((20, 20, original.width - 20, original.height - 20))),
+    }
+
+
+def _original_bytes(url: str) -> bytes | None:
+    """The bytes the demo's server sent for ``url`` (``/img/{slug}-{seed}.{ext}``): drawn again, deterministically."""
+    name = url.rsplit("/", 1)[-1]
+    stem, _, ext = name.rpartition(".")
+    slug, _, seed = stem.rpartition("-")
+    return synthetic_image_bytes(slug, int(seed), ext) if seed.isdigit() else None
+
+
 @pytest.fixture(scope="module")
-def planted(spark, demo_lake, pool):
-    """(uid, stored image bytes) of the pool image that the eval sets copy."""
-    uid = pool.agg(F.min("uid")).first()[0]
-    image = read_table(spark, demo_lake.lake, IMAGES).where(F.col("uid") == uid).select("image").first()[0]
-    return uid, image
+def planted(pool):
+    """(uid, original bytes) of the pool image that the eval sets copy, as an eval set would hold it: the picture as
+    the web served it, not our resized copy.
+
+    Flat synthetic drawings have many DCT coefficients near the median, so for some of them a re-encode moves the
+    pHash by 16 bits or more (as far as our 256 px copy moves it). The image planted is the first by uid whose pHash
+    the test's own re-encode keeps within the distance, so that the tests exercise the matching, not the hash's
+    stability on flat images; its pHash in ``images`` must be the original's (the download hashes before resizing).
+    """
+    for row in pool.select("uid", "url", "phash").orderBy("uid").limit(200).collect():
+        original = _original_bytes(row["url"])
+        if original is None:
+            continue
+        image = to_rgb(Image.open(io.BytesIO(original)))
+        reencoded = to_rgb(Image.open(io.BytesIO(_copies(image)["reencoded"])))
+        if hamming_distance(phash(image), phash(reencoded)) < MAX_DISTANCE:
+            assert row["phash"] == phash(image), f"images.phash of {row['url']} is not its original's"
+            return row["uid"], original
+    pytest.fail("no pool image whose pHash survives a re-encode: the demo's images changed")
 
 
 @pytest.fixture(scope="module")
 def eval_sets(tmp_path_factory, planted):
     _, image_bytes = planted
     root = tmp_path_factory.mktemp("eval_sets")
-    original = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    reencoded = _jpeg(original.resize((200, 200), Image.Resampling.BICUBIC), quality=70)
+    original = to_rgb(Image.open(io.BytesIO(image_bytes)))
+    copies = _copies(original)
+    reencoded = copies["reencoded"]
 
     folder = root / "folder"
     folder.mkdir()
@@ -98,7 +127,7 @@ def eval_sets(tmp_path_factory, planted):
 
     cropped = root / "cropped"
     cropped.mkdir()
-    (cropped / "crop.jpg").write_bytes(_jpeg(original.crop((20, 20, 236, 236))))
+    (cropped / "crop.jpg").write_bytes(copies["cropped"])
 
     unrelated = root / "unrelated"
     (unrelated / "nested").mkdir(parents=True)
