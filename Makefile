@@ -12,7 +12,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo demo-reference test lint format bench clean
+.PHONY: setup demo demo-reference test lint format bench clean browser report-screenshot
 
 setup: $(STAMP) $(JARS_STAMP) $(MODEL)
 
@@ -47,8 +47,20 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix laion_spark jobs tests bench scripts
 	$(VENV)/bin/ruff format laion_spark jobs tests bench scripts
 
-test: setup lint
+test: setup lint browser
 	$(PY) -m pytest -q tests
+
+# Headless Chromium for tests/test_report.py (Debian's package; needs the Debian mirrors once). The test skips, and
+# says why, where no chromium can be found after this.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium \
+		|| echo "make browser: could not install chromium; tests/test_report.py will skip"; }
+
+# The README's screenshot of the report (docs/report.png), taken by the browser test from the demo lake.
+report-screenshot: setup browser
+	REPORT_SCREENSHOT=$(abspath docs/report.png) $(PY) -m pytest -q tests/test_report.py -k browser
 
 bench: setup
 	$(PY) bench/extract.py

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable
 
 # Only the config here: `laion-spark --help` must work where pyspark is not installed yet.
-from laion_spark.config import DEFAULT_LEASE_HOURS, STAGES, Config, ConfigError, load_config
+from laion_spark.config import DEFAULT_LEASE_HOURS, LOG_FORMATS, STAGES, Config, ConfigError, load_config
 
 log = logging.getLogger("laion_spark")
 
@@ -17,6 +18,8 @@ common options (every stage):
   --lake DIR        directory (or Hadoop URI: s3a://, abfss://, dbfs:/) holding the Delta tables
   --config FILE     YAML config (see conf/local.yaml for every key and its default)
   --set KEY=VALUE   override one config key, e.g. --set download.threads=128 (value parsed as YAML)
+  --log-format text|json
+                    progress lines, stage summaries and log records as text, or one JSON object a line
 """
 
 
@@ -31,6 +34,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key (repeatable), value parsed as YAML: --set clip.threshold=0.3",
     )
+    # Also before the subcommand (laion-spark --log-format json run ...); SUPPRESS keeps that value when absent here.
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS, help=LOG_FORMAT_HELP)
+
+
+LOG_FORMAT_HELP = (
+    "text (default: run.log_format) or json: progress lines, stage summaries and log records as one JSON object a "
+    "line, for schedulers and log search"
+)
 
 
 RUN_EXIT_CODES = """
@@ -101,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=COMMON_HELP,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=None, help=LOG_FORMAT_HELP)
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
 
     extract = stages.add_parser(
@@ -258,6 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(funnel)
     funnel.set_defaults(handler=_run_funnel)
 
+    report = stages.add_parser(
+        "report",
+        help="write one self-contained HTML report of the lake: funnel, similarity and cuts, languages, downloads, "
+        "image sizes, NSFW tags, curation, thumbnails",
+        description="Write an HTML file (images embedded, no network needed to open it) that shows the funnel, the\n"
+        "similarity histogram with the configured cut (clip.threshold or clip.top_k_percent: give the config the\n"
+        "lake was cut with) and what other cuts would keep, languages, download outcomes and failing hosts, image\n"
+        "sizes, NSFW tags, near-duplicate and decontamination counts, and thumbnails of kept and rejected pairs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(report)
+    report.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
+    report.add_argument(
+        "--show-nsfw", action="store_true", help="do not blur the thumbnails tagged NSFW or UNSURE (default: blurred)"
+    )
+    report.set_defaults(handler=_run_report)
+
     explain = stages.add_parser(
         "explain",
         help="the story of one pair: where it came from, every decision about it, why it is or is not in dataset",
@@ -271,6 +300,48 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--uid", help="the pair's uid (sha1 of url and alt text)")
     target.add_argument("--url", help="an image URL: every pair with it")
     explain.set_defaults(handler=_run_explain)
+
+    remove = stages.add_parser(
+        "remove",
+        help="takedown: delete URLs, pairs or images from every table, the index and (next run) the exports",
+        description="Delete what a takedown names from every table (pairs, candidates, images, embeddings, dataset,\n"
+        "rejections) and from the kNN index, and record each item in the 'removals' table: a blocklist every stage\n"
+        "consults, so that a removed URL, pair or image never comes back (re-extraction, a new crawl, the same image\n"
+        "under another URL). The next `laion-spark export` rewrites only the export files that hold removed rows.\n"
+        "Prints the rows removed from each table and artefact.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(remove)
+    for flag, what in (
+        ("--url", "an image URL (normalised as pairs stores it)"),
+        ("--uid", "a pair's uid"),
+        ("--sha256", "the sha256 hex of an image body as downloaded"),
+        ("--md5", "the md5 hex of an image body as downloaded"),
+        ("--phash", "an image's pHash: 16 hex digits, or the signed value of images.phash"),
+    ):
+        remove.add_argument(flag, action="append", default=[], metavar=flag[2:].upper(), help=f"{what} (repeatable)")
+    remove.add_argument(
+        "--list",
+        dest="lists",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file of items, one per line: KIND:VALUE (url, url_md5, url_sha256, uid, sha256, md5, phash) or a "
+        "plain value of --list-kind; blank and # lines skipped, malformed lines counted and reported",
+    )
+    remove.add_argument(
+        "--list-kind",
+        choices=("url", "url_md5", "url_sha256", "uid", "sha256", "md5", "phash"),
+        help="the kind of the plain values of --list files (default: told from each value's form where it can be)",
+    )
+    remove.add_argument("--reason", required=True, help="why (kept in the removals table with who and when)")
+    remove.add_argument(
+        "--vacuum",
+        action="store_true",
+        help="also VACUUM the touched tables with no retention: the removed rows' files leave storage, and time "
+        "travel to earlier versions of those tables is lost",
+    )
+    remove.set_defaults(handler=_run_remove)
 
     export = stages.add_parser(
         "export",
@@ -355,37 +426,43 @@ def _positive_int(text: str) -> int:
 def _run_extract(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.extract import run_extract
 
+    started = time.monotonic()
     result = run_extract(_spark(config), config, args.lake, args.inputs, force=args.force)
-    print(result.summary())
+    _summarize(config, "extract", result, started)
 
 
 def _run_candidates(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.candidates import run_candidates
 
-    print(run_candidates(_spark(config), config, args.lake).summary())
+    started = time.monotonic()
+    _summarize(config, "candidates", run_candidates(_spark(config), config, args.lake), started)
 
 
 def _run_download(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.download import run_download
 
-    print(run_download(_spark(config), config, args.lake, retry_failed=args.retry_failed).summary())
+    started = time.monotonic()
+    counter = run_download(_spark(config), config, args.lake, retry_failed=args.retry_failed)
+    _summarize(config, "download", counter, started)
 
 
 def _run_score(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.score import run_score
 
-    print(run_score(_spark(config), config, args.lake).summary())
+    started = time.monotonic()
+    _summarize(config, "score", run_score(_spark(config), config, args.lake), started)
 
 
 def _run_dataset(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.score import rebuild_dataset
     from laion_spark.storage import StageCounter, new_run_id
 
+    started = time.monotonic()
     counter = StageCounter(new_run_id(), "score")
     kept, considered = rebuild_dataset(_spark(config), config, args.lake, counter=counter)
     counter.write(_spark(config), args.lake)
-    print(counter.summary())
-    print(f"dataset: {kept:,} of {considered:,} scored pairs")
+    if not _summarize(config, "dataset", counter, started):
+        print(f"dataset: {kept:,} of {considered:,} scored pairs")
 
 
 def _run_pipeline(args: argparse.Namespace, config: Config) -> int:
@@ -410,7 +487,12 @@ def _run_pipeline(args: argparse.Namespace, config: Config) -> int:
     if not result.ok:
         print(f"laion-spark run: {result.failure}", file=sys.stderr)
         return 2 if isinstance(result.error, (ConfigError, FileNotFoundError)) else 1
-    print(f"\n== funnel (run {result.run_id}) ==\n{result.funnel}", flush=True)
+    if config.run.log_format == "json":
+        from laion_spark.run.progress import emit_event
+
+        emit_event({"event": "funnel", "run_id": result.run_id, "funnel": result.funnel}, None, "json")
+    else:
+        print(f"\n== funnel (run {result.run_id}) ==\n{result.funnel}", flush=True)
     return 0
 
 
@@ -447,6 +529,13 @@ def _run_funnel(args: argparse.Namespace, config: Config) -> None:
     print(format_funnel(_spark(config), args.lake))
 
 
+def _run_report(args: argparse.Namespace, config: Config) -> None:
+    from laion_spark.report.html import write_report
+
+    path = write_report(_spark(config), config, args.lake, args.out, show_nsfw=args.show_nsfw)
+    print(f"report written to {path}")
+
+
 def _run_explain(args: argparse.Namespace, config: Config) -> int:
     from laion_spark.report.explain import explain_pair, format_story
 
@@ -458,16 +547,48 @@ def _run_explain(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _run_remove(args: argparse.Namespace, config: Config) -> int:
+    from laion_spark.remove import normalize_item, read_list_file, run_remove
+
+    items, malformed, list_lines = [], [], 0
+    try:
+        for kind in ("url", "uid", "sha256", "md5", "phash"):
+            items += [normalize_item(value, kind) for value in getattr(args, kind)]
+        for path in args.lists:
+            listed = read_list_file(path, args.list_kind)
+            items += listed.items
+            malformed += listed.malformed
+            list_lines += listed.lines
+    except (ValueError, OSError) as exc:
+        print(f"laion-spark remove: {exc}", file=sys.stderr)
+        return 2
+    result = run_remove(
+        _spark(config),
+        config,
+        args.lake,
+        items,
+        args.reason,
+        vacuum=args.vacuum,
+        malformed=malformed,
+        list_lines=list_lines,
+    )
+    print(result.summary())
+    return 0
+
+
 def _run_export(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.export import run_export
 
-    print(run_export(_spark(config), config, args.lake, args.format, args.out, rebuild=args.rebuild).summary())
+    started = time.monotonic()
+    result = run_export(_spark(config), config, args.lake, args.format, args.out, rebuild=args.rebuild)
+    _summarize(config, "export", result, started)
 
 
 def _run_index(args: argparse.Namespace, config: Config) -> None:
     from laion_spark.index import run_index
 
-    print(run_index(_spark(config), config, args.lake, rebuild=args.rebuild).summary())
+    started = time.monotonic()
+    _summarize(config, "index", run_index(_spark(config), config, args.lake, rebuild=args.rebuild), started)
 
 
 def _run_search(args: argparse.Namespace, config: Config) -> int:
@@ -490,6 +611,16 @@ def _run_serve(args: argparse.Namespace, config: Config) -> None:
     serve_forever(config, args.lake, host=args.host, port=args.port, token=token)
 
 
+def _summarize(config: Config, stage: str, outcome, started: float) -> bool:
+    """Print the stage's summary, or write it as one JSON line with --log-format json (then True)."""
+    from laion_spark.run.progress import emit_stage_summary
+
+    if emit_stage_summary(config, stage, outcome, time.monotonic() - started):
+        return True
+    print(outcome.summary())
+    return False
+
+
 def _spark(config: Config):
     from laion_spark.session import get_spark
 
@@ -498,12 +629,13 @@ def _spark(config: Config):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         config = load_config(args.config, args.overrides)
+        if args.log_format:
+            config.run.log_format = args.log_format
+        from laion_spark.run.progress import check_log_format, configure_logging
+
+        configure_logging(check_log_format(config.run.log_format), args.verbose)
     except ConfigError as exc:
         print(f"laion-spark: config error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,8 @@ import yaml
 
 # The pipeline's stages, in order: CLI commands, packages and (first) output tables of the same names.
 STAGES = ("extract", "candidates", "download", "score")
+# run.log_format: lines for people, or one JSON object a line (laion-spark --log-format).
+LOG_FORMATS = ("text", "json")
 # How long a run may go without a heartbeat before another run may take its lake over (laion-spark run).
 DEFAULT_LEASE_HOURS = 6.0
 
@@ -138,7 +140,21 @@ class DownloadConfig:
     source: str = "http"  # http | archive (resolve images from WARC response records, no network)
     archive_inputs: list[str] = field(default_factory=list)
     threads: int = 64
+    # At most this many connections at once to one host, per Python worker.
     per_host_connections: int = 8
+    # At most this many requests a second to one host, per Python worker (robots.txt and retries included; 0: no
+    # limit). A busy host's URLs wait in the scheduler, not in the threads, which take other hosts' URLs meanwhile.
+    per_host_requests_per_s: float = 10.0
+    # A 429 or 503 pauses the host for its Retry-After (seconds or an HTTP date), and retries back off exponentially
+    # from backoff_s; both are capped at this many seconds.
+    max_retry_after_s: float = 60.0
+    # After this many URLs in a row of one host fail (DNS, connection, TLS, timeout, 429, 5xx), the host's other URLs
+    # in the task get status host_given_up without a request (0: never give up).
+    host_failure_limit: int = 10
+    # Deadline of one DNS lookup (getaddrinfo has none); answers and failures are cached per worker.
+    dns_timeout_s: float = 5.0
+    # Host names whose DNS answer each worker keeps.
+    dns_cache_hosts: int = 10_000
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
     total_timeout_s: float = 30.0
@@ -147,13 +163,28 @@ class DownloadConfig:
     backoff_s: float = 0.5
     max_redirects: int = 5
     user_agent_token: str = ""
+    # Fetch each host's robots.txt (RFC 9309) once per worker, and give URLs it disallows for our user agent (or
+    # for *, when no group names us) status disallowed. 401/403, 429 and 5xx answers disallow the whole host.
+    respect_robots_txt: bool = True
+    # W3C TDMRep: a tdm-reservation: 1 header, or a matching rule of the host's /.well-known/tdmrep.json, means
+    # disallowed.
+    respect_tdmrep: bool = True
+    # Hosts whose robots.txt and tdmrep.json each worker keeps, and for how many seconds.
+    robots_cache_hosts: int = 10_000
+    robots_cache_ttl_s: float = 3600.0
     honour_x_robots_tag: bool = True
     disallowed_robots_values: list[str] = field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+        default_factory=lambda: ["noai", "noml", "noimageai", "noindex", "noimageindex"]
     )
     ssrf_guard: bool = True
     # Hosts or CIDRs, each with an optional port ("127.0.0.1:8080", "10.0.0.0/8"): the only way past the guard.
     allowed_hosts: list[str] = field(default_factory=list)
+    # A PEM file of CA certificates that HTTPS servers are checked against, instead of the system store.
+    ca_bundle: str = ""
+    # An HTTP proxy (http://[user:password@]host:port) for every request; empty: HTTPS_PROXY, HTTP_PROXY and
+    # NO_PROXY from the workers' environment. The SSRF guard still judges the target, which the proxy is asked to
+    # CONNECT to by its checked IP address.
+    proxy: str = ""
     min_image_bytes: int = 5 * 1024
     min_side: int = 10
     max_side: int = 20000
@@ -190,6 +221,12 @@ class ClipConfig:
         default_factory=lambda: ["a photo", "a landscape", "a product photo", "a drawing", "text document"]
     )
     nsfw_detector_path: str = ""
+    # Where the NSFW tag (embeddings.nsfw, dataset.nsfw) comes from: zero_shot (LAION-400M's rule over nsfw_prompts
+    # and safe_prompts), detector (punsafe from nsfw_detector_path: NSFW at 0.5 or more, else UNLIKELY), none (no
+    # tag: null, shown as "not tagged"), or auto: zero_shot, but none for random weights (empty pretrained), whose
+    # tags would be noise. Say none for a model that never saw the prompt words (the demo's tiny model): a tag from a
+    # model that cannot make it is worse than no tag.
+    nsfw_tags: str = "auto"  # auto | zero_shot | detector | none
     # Repartition the pairs to score into this many tasks (0 keeps the input's partitioning).
     partitions: int = 0
     # Images per slice: each slice is scored and appended to embeddings on its own.
@@ -298,6 +335,17 @@ class DatasetConfig:
 
 
 @dataclass
+class RunConfig:
+    """What a running stage tells its operator (README "Progress and logs")."""
+
+    # Every stage that works in slices writes a progress line this often, in seconds: done / total, rate, ETA.
+    progress_interval_s: float = 30.0
+    # text: lines for people; json: one JSON object a line (progress, stage summaries, log records) for schedulers
+    # and log search. `laion-spark --log-format` overrides it.
+    log_format: str = "text"
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
@@ -309,6 +357,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     dedup: NearDupConfig = field(default_factory=NearDupConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -441,6 +490,7 @@ __all__ = [
     "ExtractConfig",
     "LanguageConfig",
     "RulesConfig",
+    "RunConfig",
     "SparkConfig",
     "CandidatesConfig",
     "apply_override",

@@ -26,6 +26,7 @@ EMBEDDINGS = "embeddings"
 DATASET = "dataset"
 REJECTIONS = "rejections"
 RUNS = "runs"
+REMOVALS = "removals"
 
 
 def _schema(*fields: tuple[str, object, bool]) -> StructType:
@@ -44,6 +45,8 @@ PAIR_ROW_SCHEMA = _schema(
     ("record_offset", LongType(), True),  # byte offset of the WARC/WAT record in its (compressed) file
     ("crawl_date", TimestampType(), True),
     ("source_format", StringType(), False),  # wat | warc | arc
+    # the page's Creative Commons licence in short form (by-sa/4.0, cc0, pdm), or null (extract.licenses)
+    ("license", StringType(), True),
 )
 
 # The extraction slice that wrote the row (<run_id>-<slice>): pairs is partitioned by it, so re-reading a file
@@ -88,6 +91,8 @@ CANDIDATES_SCHEMA = _schema(
     ("language_confidence", DoubleType(), False),
     ("ingest_batch", StringType(), True),  # the pairs slice the row came from (<extract run id>-<slice>)
     ("run_id", StringType(), True),  # the candidates run that wrote the row
+    # as in pairs: the page's CC licence (by-sa/4.0, cc0, pdm) or null; last, where ALTER TABLE puts it in older lakes
+    ("license", StringType(), True),
 )
 
 # One image row as the download emits it; the table adds the slice that wrote it (IMAGES_SCHEMA).
@@ -95,7 +100,7 @@ IMAGE_ROW_SCHEMA = _schema(
     ("uid", StringType(), False),
     ("url", StringType(), False),
     # success | failed_to_download | failed_to_decode | too_small | too_large | bad_aspect_ratio |
-    # disallowed | blocked_address | timeout | http_error
+    # disallowed | blocked_address | timeout | http_error | removed (its hash is in `removals`: no bytes kept)
     ("status", StringType(), False),
     ("error", StringType(), True),
     ("http_status", IntegerType(), True),
@@ -110,6 +115,7 @@ IMAGE_ROW_SCHEMA = _schema(
     ("image", BinaryType(), True),
     ("attempts", IntegerType(), False),
     ("fetched_at", TimestampType(), False),
+    ("md5", StringType(), True),  # md5 hex of the body as downloaded, as takedown lists name images (Re-LAION)
 )
 
 # The download slice that wrote the row (<run_id>-<slice>): images is partitioned by it, so score reads the bytes
@@ -143,7 +149,7 @@ DATASET_SCHEMA = _schema(
     ("original_width", IntegerType(), True),
     ("original_height", IntegerType(), True),
     ("language", StringType(), True),
-    ("nsfw", StringType(), False),  # NSFW | UNSURE | UNLIKELY (LAION-400M zero-shot tag)
+    ("nsfw", StringType(), True),  # NSFW | UNSURE | UNLIKELY (clip.nsfw_tags), null where none: "not tagged"
     ("punsafe", FloatType(), True),  # LAION's CLIP-based NSFW detector, when its weights are given
     ("model", StringType(), False),
     # Lineage: where the pair came from and which run of each stage produced it (`laion-spark explain`). The runs
@@ -189,6 +195,19 @@ RUNS_SCHEMA = _schema(
     ("recorded_at", TimestampType(), False),
 )
 
+# One row per item of a takedown (`laion-spark remove`): what was removed, and a blocklist that every stage
+# consults, so that a removed URL, pair or image never comes back. Rows are kept when nothing matched at the time.
+REMOVALS_SCHEMA = _schema(
+    # url: normalised as pairs stores it; url_md5 / url_sha256: hex of the URL; uid: a pair's uid;
+    # sha256 / md5: hex of the image body as downloaded; phash: 16 hex digits of images.phash
+    ("value", StringType(), False),
+    ("kind", StringType(), False),  # url | url_md5 | url_sha256 | uid | sha256 | md5 | phash
+    ("reason", StringType(), False),
+    ("removed_by", StringType(), False),
+    ("removed_at", TimestampType(), False),
+    ("run_id", StringType(), False),
+)
+
 # Not a table of the data flow (so not in SCHEMAS, nor in the README's table reference): the run marker that
 # `laion-spark run` holds while it runs, so that two scheduled runs never interleave on one lake (laion_spark/run/lock.py).
 RUN_LOCK = "_run_lock"
@@ -232,6 +251,7 @@ TABLE_PROPERTIES: dict[str, dict[str, str]] = {
     DATASET: {**_DELETION_VECTORS, **_AUTO_COMPACT},
     REJECTIONS: _AUTO_COMPACT,
     RUNS: _AUTO_COMPACT,
+    REMOVALS: _AUTO_COMPACT,
 }
 
 # Partition columns (storage.ensure_table): the slice that wrote each row, for the two tables a later step reads or
@@ -248,4 +268,5 @@ SCHEMAS: dict[str, StructType] = {
     DATASET: DATASET_SCHEMA,
     REJECTIONS: REJECTIONS_SCHEMA,
     RUNS: RUNS_SCHEMA,
+    REMOVALS: REMOVALS_SCHEMA,
 }

@@ -49,6 +49,16 @@ def assert_demo_consumables(demo_output: str, workdir: Path) -> None:
     assert [line.split()[0] for line in matches] == ["1", "2", "3", "4", "5"], search
     # The tiny model knows the demo's shapes: its query "a yellow star on a beige background" finds one first.
     assert "yellow-star-beige" in matches[0], matches[0]
+    # The HTML report (laion-spark report), written into the workdir, its path printed.
+    assert (workdir / "report.html").is_file() and str(workdir / "report.html") in demo_output
+
+
+def assert_demo_progress(demo_output: str) -> None:
+    """Every stage of the run says how far it got: its progress lines, the last one at its total (README,
+    "Progress and logs")."""
+    for stage in DETERMINISTIC_STAGES + ("score",):
+        finals = re.findall(rf"^progress {stage}: ([\d,]+)/([\d,]+) .*, done in ", demo_output, re.M)
+        assert finals and finals[-1][0] == finals[-1][1], f"no final progress line of {stage} at its total"
 
 
 HEADER = """\

@@ -159,5 +159,6 @@ def quick_download_config(**changes) -> DownloadConfig:
         max_body_bytes=2 * 1024 * 1024,
         retries=2,
         backoff_s=0.05,
+        per_host_requests_per_s=0,  # one loopback host serves every test URL; tests of the rate limit set it
     )
     return replace(base, **changes)

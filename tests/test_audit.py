@@ -185,3 +185,24 @@ def test_rejections_off_leaves_the_table_alone(spark, demo_lake, recut_lake):
 
 def demo_lake_dataset_count(spark, demo_lake) -> int:
     return read_table(spark, demo_lake.lake, "dataset").count()
+
+
+def test_an_older_table_gets_todays_columns_and_loses_not_null_where_today_allows_null(spark, tmp_path):
+    """A lake written by an older laion_spark: ``dataset.nsfw`` created NOT NULL and no ``phash``. Today's rows
+    (no NSFW tag without a competent model) must still be writable after ensure_table."""
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
+
+    from laion_spark.storage import ensure_table, table_ref
+
+    lake = str(tmp_path / "lake")
+    older = StructType([StructField("uid", StringType(), False), StructField("nsfw", StringType(), False)])
+    ensure_table(spark, lake, "dataset", older, properties={})
+    with pytest.raises(Exception, match="(?i)null"):
+        spark.sql(f"INSERT INTO {table_ref(lake, 'dataset')} VALUES ('a', NULL)").collect()
+
+    today = StructType([*older.fields[:1], StructField("nsfw", StringType(), True), StructField("phash", LongType())])
+    ensure_table(spark, lake, "dataset", today)
+    spark.sql(f"INSERT INTO {table_ref(lake, 'dataset')} VALUES ('b', NULL, 7)").collect()
+    table = read_table(spark, lake, "dataset")
+    assert {f.name: f.nullable for f in table.schema.fields} == {"uid": False, "nsfw": True, "phash": True}
+    assert [tuple(row) for row in table.collect()] == [("b", None, 7)]

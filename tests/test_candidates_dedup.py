@@ -82,7 +82,7 @@ def test_frames_without_text_key_fall_back_to_spark_lower_which_agrees_on_ascii(
 
 def row(uid, url, text, source_file, offset, day):
     date = dt.datetime(2024, 1, day) if day else None
-    return (uid, url, text, text_key(text), None, source_file, offset, date, "wat")
+    return (uid, url, text, text_key(text), None, source_file, offset, date, "wat", None)
 
 
 DUPLICATES = [

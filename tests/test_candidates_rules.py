@@ -15,7 +15,7 @@ CRAWL = dt.datetime(2024, 1, 1)
 
 
 def pair(uid: str, url: str, text: str | None) -> tuple:
-    return (uid, url, text, text_key(text or ""), "https://example.org/page", "file-a.wat.gz", 0, CRAWL, "wat")
+    return (uid, url, text, text_key(text or ""), "https://example.org/page", "file-a.wat.gz", 0, CRAWL, "wat", None)
 
 
 def test_each_rule_drops_its_rows_and_counts_them_in_one_pass(spark):

@@ -16,7 +16,7 @@ from laion_spark.storage import append, read_table
 
 def pair(uid, url, text, source_file, offset, day):
     page_url = f"https://site.example/{uid}"
-    return (uid, url, text, text_key(text), page_url, source_file, offset, dt.datetime(2024, 3, day), "wat")
+    return (uid, url, text, text_key(text), page_url, source_file, offset, dt.datetime(2024, 3, day), "wat", None)
 
 
 # Crawl of day 10: a duplicate within the file, and a few rows that the rules drop.

@@ -43,6 +43,7 @@ def test_whole_pipeline_into_managed_tables_of_a_catalog_schema(spark, tmp_path)
             PROJECT_ROOT / "laion_spark" / "demo" / "demo.yaml",
             [
                 f"download.allowed_hosts=['{base_url.split('//', 1)[1]}']",
+                "download.per_host_requests_per_s=0",
                 f"clip.model_config={tiny['model_config']}",
                 f"clip.pretrained={tiny['pretrained']}",
             ],

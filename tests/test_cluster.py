@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from cluster import standalone_cluster
-from demo_reference import assert_demo_consumables, assert_demo_funnel_is_the_reference
+from demo_reference import assert_demo_consumables, assert_demo_funnel_is_the_reference, assert_demo_progress
 
 from laion_spark.testing.archives import WatPage, write_wat
 
@@ -65,4 +65,5 @@ def test_whole_demo_pipeline_on_standalone_cluster(master_url, tmp_path):
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert_demo_funnel_is_the_reference(result.stdout)
     assert_demo_consumables(result.stdout, tmp_path / "demo")
+    assert_demo_progress(result.stdout)
     assert (tmp_path / "demo" / "lake" / "dataset" / "_delta_log").is_dir()

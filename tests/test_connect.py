@@ -51,6 +51,7 @@ def _settings(base_url: str) -> list[str]:
     host = base_url.split("//", 1)[1]
     return [
         f"download.allowed_hosts=['{host}']",
+        "download.per_host_requests_per_s=0",
         f"clip.model_config={tiny['model_config']}",
         f"clip.pretrained={tiny['pretrained']}",
     ]

@@ -192,6 +192,7 @@ def curated(spark, tmp_path_factory) -> Curated:
         overrides += [
             "clip.threshold=-1",
             f"download.allowed_hosts=['127.0.0.1:{server.server_port}']",
+            "download.per_host_requests_per_s=0",
             "download.threads=4",
             "download.min_image_bytes=1024",
             "candidates.language.languages=[en, de, fr]",

@@ -29,7 +29,7 @@ def _write_candidates(spark, lake: str, pairs: list[tuple[str, str]]) -> None:
     rows = []
     for url, text in pairs:
         uid = hashlib.sha1(f"{url}\t{text}".encode()).hexdigest()
-        rows.append((uid, uid, url, text, text_key(text), None, "test.warc.gz", 0, None, "en", 0.99, None, None))
+        rows.append((uid, uid, url, text, text_key(text), None, "test.warc.gz", 0, None, "en", 0.99, None, None, None))
     append(spark.createDataFrame(rows, CANDIDATES_SCHEMA), lake, CANDIDATES)
 
 

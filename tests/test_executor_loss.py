@@ -63,6 +63,8 @@ CANDIDATES_COLUMNS = ("uid", "url", "text", "page_url", "source_file", "record_o
 IMAGES_COLUMNS = ("uid", "url", "status", "http_status", "original_width", "original_height", "width", "height")
 IMAGES_COLUMNS += ("sha256",)
 
+NO_RATE_LIMIT = "download.per_host_requests_per_s=0"  # one loopback host serves every URL
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -339,7 +341,7 @@ def runs(cluster, spark, image_server: ImageServer, tmp_path_factory) -> Runs:
     allowed = f"download.allowed_hosts=['{image_server.base_url.removeprefix('http://')}']"
 
     clean = workdir / "clean"
-    config = load_config(None, [allowed, *STAGE_SETTINGS])
+    config = load_config(None, [allowed, NO_RATE_LIMIT, *STAGE_SETTINGS])
     result = run_pipeline(spark, config, str(clean), [pattern], until="download", progress=lambda line: None)
     assert result.ok, result.failure
     urls = {url for _, url in _rows(spark, clean, CANDIDATES, ("uid", "url"))}
@@ -370,7 +372,19 @@ def runs(cluster, spark, image_server: ImageServer, tmp_path_factory) -> Runs:
         run = _run_on_cluster(
             cluster,
             workdir,
-            ["run", "--lake", str(killed), "--input", pattern, "--until", "download", "--set", allowed],
+            [
+                "run",
+                "--lake",
+                str(killed),
+                "--input",
+                pattern,
+                "--until",
+                "download",
+                "--set",
+                allowed,
+                "--set",
+                NO_RATE_LIMIT,
+            ],
             [
                 KillPlan("extract", extract_under_way, reading_an_input),
                 KillPlan("download", download_under_way, fetching_an_image),

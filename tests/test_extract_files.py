@@ -60,7 +60,7 @@ def test_warc_html_pairs_from_gzip_and_plain_files(tmp_path, name):
     pairs, status = run(path)
     assert url_text(pairs) == EXPECTED_HTML_PAIRS
     assert status.status == "ok" and status.records_read == 3 and status.pairs_emitted == 2
-    uid, url, text, page_url, offset, crawl_date, source_format, _ = pairs[0]
+    uid, url, text, page_url, offset, crawl_date, source_format, *_ = pairs[0]
     assert page_url == PAGE and source_format == "warc" and crawl_date.isoformat() == "2024-03-01T12:00:00"
     assert len(uid) == 40 and offset > 0
 

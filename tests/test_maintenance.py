@@ -30,6 +30,7 @@ def pairs_frame(spark, commit: int):
             commit * 1000 + k,
             crawled,
             "warc",
+            None,
         )
         for k in range(3)
     ]

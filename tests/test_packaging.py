@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from demo_reference import assert_demo_consumables, assert_demo_funnel_is_the_reference
+from demo_reference import assert_demo_consumables, assert_demo_funnel_is_the_reference, assert_demo_progress
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,3 +58,4 @@ def test_demo_runs_from_an_installed_wheel_outside_the_checkout(tmp_path):
     assert f"from {site / 'laion_spark'}" in result.stdout, "the demo must run the installed copy, not the checkout"
     assert_demo_funnel_is_the_reference(result.stdout)
     assert_demo_consumables(result.stdout, tmp_path / "demo")
+    assert_demo_progress(result.stdout)

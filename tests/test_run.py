@@ -69,7 +69,7 @@ def site(tmp_path_factory) -> Site:
     crawl = tmp_path_factory.mktemp("run-crawl")
     write_sample_crawl(crawl, base_url)
     tiny = ensure_tiny_clip(PROJECT_ROOT / ".cache" / "models" / "tiny-clip")
-    overrides = [f"download.allowed_hosts=['{urlsplit(base_url).netloc}']"]
+    overrides = [f"download.allowed_hosts=['{urlsplit(base_url).netloc}']", "download.per_host_requests_per_s=0"]
     overrides += [f"clip.{key}={value}" for key, value in tiny.items()]
     yield Site(server, crawl, overrides)
     server.shutdown()

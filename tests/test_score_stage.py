@@ -66,14 +66,25 @@ MODEL_BATCH = 3
 
 def _image_row(uid: str, status: str, image: bytes | None, size: int | None) -> tuple:
     now = dt.datetime(2026, 1, 1)
-    return (uid, f"http://127.0.0.1/{uid}.jpg", status, None if status == "success" else status, 200, "image/jpeg",
-            size, size, size, size, None, None, image, 1, now,
-            "download-1" if uid.startswith("match") else "download-2")  # fmt: skip
+    values = {
+        "uid": uid,
+        "url": f"http://127.0.0.1/{uid}.jpg",
+        "status": status,
+        "error": None if status == "success" else status,
+        "http_status": 200,
+        "content_type": "image/jpeg",
+        **dict.fromkeys(("original_width", "original_height", "width", "height"), size),
+        "image": image,
+        "attempts": 1,
+        "fetched_at": now,
+        "fetch_batch": "download-1" if uid.startswith("match") else "download-2",
+    }
+    return tuple(values.get(name) for name in IMAGES_SCHEMA.names)  # the columns not named here: null
 
 
 def _candidate_row(uid: str, text: str) -> tuple:
     return (uid, uid, f"http://127.0.0.1/{uid}.jpg", text, text_key(text), None, "test.warc.gz", 0, None, "en", 0.99,
-            None, None)  # fmt: skip
+            None, None, None)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,11 @@ class Crawl:
             write_sample_crawl(root / "crawl" / copy, base_url)
         self.inputs = [str(root / "crawl" / "*" / "*")]
         tiny = ensure_tiny_clip(PROJECT_ROOT / ".cache" / "models" / "tiny-clip")
-        self.overrides = [f"download.allowed_hosts=['{urlsplit(base_url).netloc}']", *SLICES]
+        self.overrides = [
+            f"download.allowed_hosts=['{urlsplit(base_url).netloc}']",
+            "download.per_host_requests_per_s=0",
+            *SLICES,
+        ]
         self.overrides += [f"clip.{key}={value}" for key, value in tiny.items()]
 
     def config(self) -> Config:

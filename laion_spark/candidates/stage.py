@@ -63,6 +63,8 @@ from laion_spark.candidates.rules import (
     mark_rule_failures,
 )
 from laion_spark.config import CandidatesConfig, Config, ConfigError
+from laion_spark.remove.blocklist import drop_blocked_pairs, read_blocklist
+from laion_spark.run.progress import stage_progress
 from laion_spark.schemas import CANDIDATES, CANDIDATES_SCHEMA, PAIRS
 from laion_spark.storage import StageCounter, count_drops, ensure_table, merge, new_run_id, read_table
 from laion_spark.storage.audit import record_rejections, record_run, rejection_rows
@@ -72,6 +74,7 @@ from laion_spark.storage.stats import DropCounts
 log = logging.getLogger(__name__)
 
 STAGE = "candidates"
+LICENSE = "license"
 
 
 def build_candidates(
@@ -91,6 +94,7 @@ def build_candidates(
         .transform(keep_new_or_earlier, existing)
         .transform(detect_language, config.language)
         .transform(with_lineage, run_id)
+        .transform(with_license_or_null)
         .select(*CANDIDATES_SCHEMA.fieldNames())
     )
 
@@ -100,6 +104,14 @@ def with_lineage(candidates: DataFrame, run_id: str | None = None) -> DataFrame:
     if "ingest_batch" not in candidates.columns:
         candidates = candidates.withColumn("ingest_batch", F.lit(None).cast("string"))
     return candidates.withColumn("run_id", F.lit(run_id).cast("string"))
+
+
+def with_license_or_null(candidates: DataFrame) -> DataFrame:
+    """The page's licence as pairs carry it, or null for a frame of pairs without the column (a notebook's, or the
+    pairs of a lake that no extraction since the column came has touched)."""
+    if LICENSE in candidates.columns:
+        return candidates
+    return candidates.withColumn(LICENSE, F.lit(None).cast("string"))
 
 
 def rejected_pairs(pairs: DataFrame, candidates: DataFrame, config: CandidatesConfig, run_id: str) -> DataFrame:
@@ -140,29 +152,38 @@ def run_candidates(spark: SparkSession, config: Config, lake: str, run_id: str |
         raise ConfigError(f"candidates.pairs_per_slice must be at least 1, got {settings.pairs_per_slice}")
     counter = StageCounter(run_id or new_run_id(), STAGE)
     ensure_table(spark, lake, CANDIDATES, CANDIDATES_SCHEMA)
+    # The change feed still holds the inserts of pairs a takedown deleted since: they must not become candidates.
+    blocklist = read_blocklist(spark, lake)
     totals = _SliceTotals()
     number = 0
-    while True:
-        number += 1
-        new, counts = _read_new_pairs(spark, lake, settings)
-        batch_keys = counts.extra["batch_keys"]
-        inserted = replaced = 0
-        if batch_keys:  # with no key, neither the join with candidates nor the MERGE has anything to do
-            existing = read_table(spark, lake, CANDIDATES)
-            rows = build_candidates(new.rows, existing, settings, counter.run_id)
-            inserted, replaced = _merge_candidates(rows, lake)
-            if config.dataset.rejections:
-                candidates = read_table(spark, lake, CANDIDATES)
-                record_rejections(rejected_pairs(new.rows, candidates, settings, counter.run_id), lake)
-        if new.moves_bookmark:  # only once the MERGE has committed (see the module docstring)
-            write_bookmark(spark, lake, new.bookmark, counter.run_id)
-        totals.add(counts, batch_keys, inserted, replaced)
-        log.info(
-            "candidates: slice %d (pairs up to version %d of %d): %d new keys, %d earlier survivors replaced "
-            "later ones", number, new.bookmark.version, max(new.latest, new.bookmark.version), inserted, replaced,
-        )  # fmt: skip
-        if not new.has_more:
-            break
+    position: int | None = None  # the last version of pairs read: progress counts commits of pairs
+    with stage_progress(config, STAGE, None, "commits of pairs", counter.run_id) as progress:
+        while True:
+            number += 1
+            new, counts = _read_new_pairs(spark, lake, settings)
+            if position is None:  # the first slice: the run reads the commits after its bookmark (every one: none)
+                position = new.since.version if new.since is not None else -1
+                progress.set_total(max(new.latest, new.bookmark.version) - position)
+            batch_keys = counts.extra["batch_keys"]
+            inserted = replaced = 0
+            if batch_keys:  # with no key, neither the join with candidates nor the MERGE has anything to do
+                existing = read_table(spark, lake, CANDIDATES)
+                rows = build_candidates(drop_blocked_pairs(new.rows, blocklist), existing, settings, counter.run_id)
+                inserted, replaced = _merge_candidates(rows, lake)
+                if config.dataset.rejections:
+                    candidates = read_table(spark, lake, CANDIDATES)
+                    record_rejections(rejected_pairs(new.rows, candidates, settings, counter.run_id), lake)
+            if new.moves_bookmark:  # only once the MERGE has committed (see the module docstring)
+                write_bookmark(spark, lake, new.bookmark, counter.run_id)
+            totals.add(counts, batch_keys, inserted, replaced)
+            progress.advance(new.bookmark.version - position)
+            position = new.bookmark.version
+            log.info(
+                "candidates: slice %d (pairs up to version %d of %d): %d new keys, %d earlier survivors replaced "
+                "later ones", number, new.bookmark.version, max(new.latest, new.bookmark.version), inserted, replaced,
+            )  # fmt: skip
+            if not new.has_more:
+                break
     counter.add_drops(totals.rows_in, totals.dropped.items())
     counter.add("dedup_within_batch", totals.rows_out, totals.batch_keys)
     written = totals.inserted + totals.replaced

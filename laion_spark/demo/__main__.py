@@ -40,6 +40,9 @@ def run_demo(
     models_dir: Path = DEFAULT_MODELS_DIR,
     outputs: bool = True,
 ) -> DemoResult:
+    from pyspark.sql import functions as F
+
+    from laion_spark.report.data import NOT_TAGGED
     from laion_spark.run import run_pipeline
     from laion_spark.schemas import DATASET
     from laion_spark.session import get_spark
@@ -75,7 +78,9 @@ def run_demo(
         run_id, funnel = result.run_id, result.funnel or ""
         print("\n== a sample of the dataset ==")
         dataset = read_table(spark, str(lake), DATASET)
-        dataset.orderBy("uid").select("text", "similarity", "language", "nsfw", "width", "height").show(8, truncate=50)
+        # A null tag is no tag: the demo's tiny model makes none (demo.yaml, clip.nsfw_tags: none).
+        nsfw = F.coalesce("nsfw", F.lit(NOT_TAGGED)).alias("nsfw")
+        dataset.orderBy("uid").select("text", "similarity", "language", nsfw, "width", "height").show(8, truncate=50)
     finally:
         server.shutdown()
     print(f"\n== funnel (run {run_id}) ==\n{funnel}")
@@ -85,6 +90,10 @@ def run_demo(
     print(f"\nDelta tables are in {lake}; explore them with notebooks/explore_lake.ipynb")
     if outputs:
         print(f"WebDataset shards are in {webdataset}; the kNN index is in {lake}/_index")
+        from laion_spark.report.html import write_report
+
+        report = write_report(spark, config, str(lake), workdir / "report.html")
+        print(f"The report (laion-spark report) is {report}: open it in a browser")
     return DemoResult(str(lake), config, run_id, funnel)
 
 

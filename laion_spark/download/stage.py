@@ -13,9 +13,11 @@ partitions this run wrote, so no URL is fetched twice for counting.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
@@ -31,6 +33,8 @@ from laion_spark.download.archive import (
 )
 from laion_spark.download.fetch import Fetcher, FetchResult, FetchSettings
 from laion_spark.download.images import ImageSettings, ProcessedImage, process_image
+from laion_spark.remove.blocklist import drop_blocked_pairs, read_blocklist, withhold_blocked_images
+from laion_spark.run.progress import stage_progress
 from laion_spark.schemas import CANDIDATES, IMAGE_ROW_SCHEMA, IMAGES, IMAGES_SCHEMA
 from laion_spark.storage import StageCounter, append, ensure_table, new_run_id, read_table, upsert
 from laion_spark.storage.audit import record_rejections, record_run, rejection_rows
@@ -125,7 +129,9 @@ def run_download(
     image_settings = ImageSettings.from_config(settings)
     counter = StageCounter(run_id or new_run_id(), "download")
 
-    candidates = read_table(spark, lake, CANDIDATES)
+    # A URL or pair in the lake's removals is never fetched; an image whose hash is there is never stored.
+    blocklist = read_blocklist(spark, lake)
+    candidates = read_table(spark, lake, CANDIDATES).transform(drop_blocked_pairs, blocklist)
     images = read_table(spark, lake, IMAGES, missing_ok=True)
     marked = mark_settled(candidates, images, retry_failed)
     wanted = counter.count_drops(marked, F.when(F.col("settled"), F.lit("to_fetch")), ["to_fetch"])
@@ -137,13 +143,18 @@ def run_download(
     ensure_table(spark, lake, IMAGES)
     # Every URL of the run, narrow (uid, url), staged once: each slice then reads its own bucket range of it,
     # instead of joining candidates with images again.
-    with staged_work(to_fetch, lake, "download_todo", [BUCKET, "url"], fetch_count) as todo:
+    with (
+        stage_progress(config, "download", fetch_count, "urls", counter.run_id) as progress,
+        staged_work(to_fetch, lake, "download_todo", [BUCKET, "url"], fetch_count) as todo,
+    ):
         slices = plan_slices([(None, fetch_count)], settings.urls_per_slice)
         for piece in slices:
             batch = f"{counter.run_id}-{piece.number:05d}"
             rows = todo.where(piece.condition()).select("uid", "url")
             fetched = _fetch_slice(spark, config, rows, piece.rows, fetch_settings, image_settings)
+            fetched = withhold_blocked_images(fetched, blocklist, status.REMOVED)
             _commit_slice(fetched, lake, batch, retry_failed)
+            progress.advance(piece.rows)
             log.info(
                 "download: slice %d of %d committed (~%d URLs, batch %s)", piece.number, len(slices), piece.rows, batch
             )
@@ -258,10 +269,19 @@ def _fetch_partition(
         yield _frame(rows)
 
 
+@dataclass
+class _CheckedImage(ProcessedImage):
+    """A processed image with the md5 of its body as downloaded, by which takedown lists name images."""
+
+    md5: str | None = None
+
+
 def _check(fetched: FetchResult, image_settings: ImageSettings) -> ProcessedImage | None:
     if fetched.status != status.SUCCESS or fetched.body is None:
         return None
-    return process_image(fetched.body, image_settings)
+    processed = process_image(fetched.body, image_settings)
+    facts = {f.name: getattr(processed, f.name) for f in fields(processed)}
+    return _CheckedImage(**facts, md5=hashlib.md5(fetched.body, usedforsecurity=False).hexdigest())
 
 
 def _image_row(uid: str, fetched: FetchResult, checked: ProcessedImage | None) -> dict:
@@ -280,6 +300,7 @@ def _image_row(uid: str, fetched: FetchResult, checked: ProcessedImage | None) -
         "phash": None,
         "image": None,
         "attempts": max(1, fetched.attempts),
+        "md5": None,
     }
     if checked is not None:
         row.update(
@@ -292,6 +313,7 @@ def _image_row(uid: str, fetched: FetchResult, checked: ProcessedImage | None) -
             sha256=checked.sha256,
             phash=checked.phash,
             image=checked.image,
+            md5=getattr(checked, "md5", None),
         )
     return row
 

@@ -3,8 +3,9 @@
 
 Names and types are exactly the released files' (export/schemas.py). ``SAMPLE_ID`` and ``hash`` are the pair's
 sample id (laion_spark.storage.ids). ``WIDTH``/``HEIGHT`` are the image's size as downloaded (the dataset's
-original_width/original_height), as in the releases. What we have no source for is null: ``LICENSE`` until the
-candidates table carries a ``license`` column (it is picked up then), ``pwatermark`` (no watermark model).
+original_width/original_height), as in the releases. ``LICENSE`` is the candidates' ``license``: the page's
+Creative Commons licence in short form (``by-sa/4.0``), null where none was found (LAION wrote ``"?"``). What we
+have no source for is null: ``pwatermark`` (no watermark model).
 """
 
 from __future__ import annotations

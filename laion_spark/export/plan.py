@@ -22,7 +22,7 @@ from laion_spark.schemas import CANDIDATES
 from laion_spark.storage import read_table, table_exists
 from laion_spark.storage.outputs import OutputDir
 
-LICENSE_COLUMN = "license"  # of candidates, once issue 13 adds it; null until then
+LICENSE_COLUMN = "license"  # of candidates: the page's CC licence (extract.licenses); null in lakes made before it
 # Hex digits of the uid that make a bucket: 4096 buckets, about 100,000 rows each for 400 million rows.
 BUCKET_DIGITS = 3
 BUCKET = "export_bucket"

@@ -81,6 +81,7 @@ WEBDATASET_SCHEMA = pa.schema(
         ("original_width", pa.int32()),
         ("original_height", pa.int32()),
         ("sha256", pa.string()),
+        ("license", pa.string()),  # the page's Creative Commons licence (LAION's LICENSE), or null
     ]
 )
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from laion_spark.export.plan import ExportContext
+from laion_spark.export.plan import LICENSE_COLUMN, ExportContext, with_license
 from laion_spark.export.schemas import WEBDATASET_SCHEMA
 from laion_spark.export.writers import GroupStatus, GroupWriter
 from laion_spark.schemas import IMAGES
@@ -74,7 +74,7 @@ def webdataset_rows(ctx: ExportContext, numbered: DataFrame) -> DataFrame:
         "original_height",
     )
     images = image_bytes(ctx, numbered.select("uid"))
-    return numbered.join(columns, "uid").join(images, "uid", "left")
+    return with_license(ctx, numbered.join(columns, "uid")).join(images, "uid", "left")
 
 
 def image_bytes(ctx: ExportContext, uids: DataFrame) -> DataFrame:
@@ -153,6 +153,7 @@ class ShardWriter(GroupWriter):
                 "original_width": row["original_width"],
                 "original_height": row["original_height"],
                 "sha256": row["sha256"],
+                "license": row[LICENSE_COLUMN],
             }
             if status == SUCCESS:
                 self._add_members(key, extension, image, sample)

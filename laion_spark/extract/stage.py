@@ -37,6 +37,8 @@ from pyspark.sql.types import StructType
 from laion_spark.config import Config, ConfigError, ExtractConfig
 from laion_spark.extract.inputs import list_input_files, python_can_open
 from laion_spark.extract.worker import OUTPUT_SCHEMA, PAIR, STATUS, ExtractRules, extract_partition
+from laion_spark.remove.blocklist import Blocklist, drop_blocked_pairs, read_blocklist
+from laion_spark.run.progress import stage_progress
 from laion_spark.schemas import INGEST_LOG, INGEST_LOG_SCHEMA, PAIR_ROW_SCHEMA, PAIRS, PAIRS_SCHEMA
 from laion_spark.storage import (
     StageCounter,
@@ -72,6 +74,7 @@ class ExtractResult:
     files_failed: int = 0
     records_read: int = 0
     pairs_written: int = 0
+    pairs_removed: int = 0  # pairs whose url or uid is in the lake's removals (a takedown): never written
     duration_s: float = 0.0
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (file, status, error), a few
     counter: StageCounter | None = None
@@ -87,6 +90,8 @@ class ExtractResult:
             f"{self.files_failed:,} failed",
             f"  {self.records_read:,} records read, {self.pairs_written:,} pairs written in {self.duration_s:.1f}s",
         ]
+        if self.pairs_removed:
+            lines.append(f"  {self.pairs_removed:,} pairs not written: their url or uid is in the lake's removals")
         for source_file, status, error in self.problems:
             lines.append(f"  {status}: {source_file}: {error}")
         if self.files_partial + self.files_failed > len(self.problems):
@@ -119,6 +124,7 @@ def run_extract(
     counter = StageCounter(result.run_id, "extract")
     counter.add("files_not_yet_ok", len(files), len(to_read))
     totals = {"records_with_images": 0, "images_found": 0, "images_with_alt": 0}
+    blocklist = read_blocklist(spark, lake)
     size = config.extract.files_per_slice
     slices = [to_read[i : i + size] for i in range(0, len(to_read), size)]
     if slices:
@@ -135,16 +141,20 @@ def run_extract(
             [(f, batch_of[f]) for f in new_files], "source_file string, ingest_batch string"
         )
         append(_started_rows(markers, result.run_id), lake, INGEST_LOG)
-    for number, slice_files in enumerate(slices, 1):
-        _extract_slice(spark, config, lake, {f: batch_of[f] for f in slice_files}, result, totals)
-        log.info(
-            "extract: slice %d of %d committed (%d files); %d pairs so far",
-            number, len(slices), len(slice_files), result.pairs_written,
-        )  # fmt: skip
+    with stage_progress(config, "extract", len(to_read), "files", result.run_id) as progress:
+        for number, slice_files in enumerate(slices, 1):
+            _extract_slice(spark, config, lake, {f: batch_of[f] for f in slice_files}, result, totals, blocklist)
+            progress.advance(len(slice_files))
+            log.info(
+                "extract: slice %d of %d committed (%d files); %d pairs so far",
+                number, len(slices), len(slice_files), result.pairs_written,
+            )  # fmt: skip
     counter.add("files", len(to_read), result.files_ok + result.files_partial)
     counter.add("records", result.records_read, totals["records_with_images"])
     counter.add("images_with_alt_text", totals["images_found"], totals["images_with_alt"])
-    counter.add("pairs", totals["images_with_alt"], result.pairs_written)
+    counter.add("pairs", totals["images_with_alt"], result.pairs_written + result.pairs_removed)
+    if not blocklist.empty:
+        counter.add("not_removed", result.pairs_written + result.pairs_removed, result.pairs_written)
     counter.write(spark, lake)
     record_run(spark, lake, result.run_id, "extract", config)
     result.counter = counter
@@ -160,6 +170,7 @@ def _extract_slice(
     batches: dict[str, str],
     result: ExtractResult,
     totals: dict[str, int],
+    blocklist: Blocklist,
 ) -> None:
     """Extract one slice of files and commit it, in an order that a kill at any moment leaves resumable (README,
     "Crawl scale"). Every file already has its ``ingest_log`` row naming its partition (``batches``), written
@@ -178,6 +189,10 @@ def _extract_slice(
         statuses += [_unread_status(f) for f in files if f not in reported]
         condition = f"{sql_in('ingest_batch', sorted(set(batches.values())))} AND {sql_in('source_file', files)}"
         pairs = pairs_from_output(extracted).withColumn("ingest_batch", _batch_of_file(batches))
+        if not blocklist.empty:  # a takedown's URLs and pairs never enter pairs again, whatever the crawl
+            kept = pairs.transform(drop_blocked_pairs, blocklist)
+            removed = pairs.count() - kept.count()
+            pairs = kept
         replace_where(pairs.select(*PAIRS_SCHEMA.names), lake, PAIRS, condition)
     finished_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     log_rows = [
@@ -187,6 +202,9 @@ def _extract_slice(
     ]  # fmt: skip
     replace_where(spark.createDataFrame(log_rows, INGEST_LOG_SCHEMA), lake, INGEST_LOG, sql_in("source_file", files))
     _add_totals(statuses, result, totals)
+    if not blocklist.empty:
+        result.pairs_written -= removed
+        result.pairs_removed += removed
 
 
 def extract_dataframe(spark: SparkSession, files: list[str], config: ExtractConfig) -> DataFrame:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import webencodings
 from selectolax.lexbor import LexborHTMLParser
 
+from laion_spark.extract.licenses import may_link_cc_license, page_license
+
 # The HTML5 encoding prescan looks at the first 1024 bytes for a <meta charset> or http-equiv declaration; it is
 # byte-level by specification (the page cannot be parsed before its encoding is known), hence a regex here.
 _META_CHARSET = re.compile(rb"""<meta[^>]+?charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.IGNORECASE)
@@ -22,10 +24,11 @@ class HtmlPage:
     base: str | None
     images: list[tuple[str, str | None]]  # (src, alt) of every <img> with a src
     encoding: str
+    license: str | None = None  # the page's Creative Commons licence, short form (extract.licenses)
 
 
 def parse_html_page(payload: bytes, http_charset: str | None, fallback_encoding: str) -> HtmlPage | None:
-    """The ``<img>`` tags and ``<base href>`` of a page, or None when it has no ``<img>`` at all."""
+    """The ``<img>`` tags, ``<base href>`` and licence of a page, or None when it has no ``<img>`` at all."""
     if not _HAS_IMG.search(payload):
         return None
     text, encoding = decode_html(payload, http_charset, fallback_encoding)
@@ -38,7 +41,11 @@ def parse_html_page(payload: bytes, http_charset: str | None, fallback_encoding:
         src = attributes.get("src")
         if src:
             images.append((src, attributes.get("alt")))
-    return HtmlPage(base, images, encoding)
+    license = None
+    if may_link_cc_license(payload):  # most pages do not: they skip the query over every link
+        links = tree.css("a[href], area[href], link[href]")
+        license = page_license((node.attributes.get("href"), node.attributes.get("rel")) for node in links)
+    return HtmlPage(base, images, encoding, license)
 
 
 def decode_html(payload: bytes, http_charset: str | None, fallback_encoding: str) -> tuple[str, str]:

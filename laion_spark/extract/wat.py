@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from laion_spark.extract.archive import WAT_IMAGE_MARKER as IMG_SRC_MARKER
+from laion_spark.extract.licenses import may_link_cc_license, page_license
 
+# The link paths that can carry a licence. Common Crawl's WAT (ia-web-commons) keeps ``rel`` on A, AREA and LINK
+# entries; its LINK entries are in Head.Link, not in Links, and both lists are read.
+_LICENSE_LINK_PATHS = frozenset({"A@/href", "AREA@/href", "LINK@/href"})
 _KEY_PATTERNS = {
     key: re.compile(rb'"' + key + rb'"\s*:\s*("(?:[^"\\]|\\.)*")') for key in (b"Base", b"WARC-Target-URI")
 }
@@ -19,6 +24,7 @@ class WatPage:
     base: str | None  # HTML-Metadata.Head.Base
     images: list[tuple[str, str | None]]  # (src, alt) of every IMG@/src link
     invalid_utf8: bool  # the JSON held bytes that are not UTF-8; they were replaced
+    license: str | None = None  # the page's Creative Commons licence, short form (extract.licenses)
 
 
 def parse_wat_record(payload: bytes, want_target_uri: bool = True) -> WatPage | None:
@@ -30,9 +36,11 @@ def parse_wat_record(payload: bytes, want_target_uri: bool = True) -> WatPage | 
     """
     if IMG_SRC_MARKER not in payload:
         return None
-    fast = _parse_image_links_only(payload, want_target_uri)
-    if fast is not None:
-        return fast
+    # A page that may link to a CC licence needs its A and LINK entries too, so the whole document: a few pages.
+    if not may_link_cc_license(payload):
+        fast = _parse_image_links_only(payload, want_target_uri)
+        if fast is not None:
+            return fast
     return _parse_whole_document(payload)
 
 
@@ -122,13 +130,26 @@ def _parse_whole_document(payload: bytes) -> WatPage | None:
     if not images:
         return None
     target_uri = _dict(envelope.get("WARC-Header-Metadata")).get("WARC-Target-URI")
-    base = _dict(html_meta.get("Head")).get("Base")
+    head = _dict(html_meta.get("Head"))
+    base = head.get("Base")
+    license = None
+    if may_link_cc_license(payload):
+        head_links = head.get("Link")
+        license = page_license(_license_links([*(head_links if isinstance(head_links, list) else []), *links]))
     return WatPage(
         target_uri if isinstance(target_uri, str) else None,
         base if isinstance(base, str) else None,
         images,
         invalid_utf8,
+        license,
     )
+
+
+def _license_links(links: list) -> Iterator[tuple[str | None, str | None]]:
+    """(href, rel) of the WAT link entries that can state a licence, in order."""
+    for link in links:
+        if type(link) is dict and link.get("path") in _LICENSE_LINK_PATHS:
+            yield _str_or_none(link.get("url")), _str_or_none(link.get("rel"))
 
 
 def _dict(value: object) -> dict:

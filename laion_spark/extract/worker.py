@@ -42,6 +42,7 @@ OUTPUT_SCHEMA = StructType(
         StructField("record_offset", LongType()),
         StructField("crawl_date", TimestampType()),
         StructField("source_format", StringType()),
+        StructField("license", StringType()),
         StructField("status", StringType()),
         StructField("records_read", LongType()),
         StructField("pairs_emitted", LongType()),
@@ -62,8 +63,18 @@ ARROW_SCHEMA = pa.schema(
         for f in OUTPUT_SCHEMA.fields
     ]
 )
-# The order of extract_pairs' tuples; text_key comes last so the positions of the older fields stay put.
-_PAIR_COLUMNS = ("uid", "url", "text", "page_url", "record_offset", "crawl_date", "source_format", "text_key")
+# The order of extract_pairs' tuples; newer fields come last so the positions of the older ones stay put.
+_PAIR_COLUMNS = (
+    "uid",
+    "url",
+    "text",
+    "page_url",
+    "record_offset",
+    "crawl_date",
+    "source_format",
+    "text_key",
+    "license",
+)
 _MAX_ERRORS_KEPT = 3
 
 
@@ -113,7 +124,8 @@ class FileStatus:
 
 
 def extract_pairs(records: Iterable[ArchiveRecord], rules: ExtractRules, status: FileStatus) -> Iterator[tuple]:
-    """(uid, url, text, page_url, record_offset, crawl_date, source_format, text_key) for every pair the rules keep.
+    """(uid, url, text, page_url, record_offset, crawl_date, source_format, text_key, license) for every pair the
+    rules keep; ``license`` is the page's Creative Commons licence (extract.licenses), shared by its pairs.
 
     Records that cannot be parsed are counted on ``status`` and skipped; the rest of the file goes on.
     """
@@ -142,6 +154,7 @@ def extract_pairs(records: Iterable[ArchiveRecord], rules: ExtractRules, status:
         resolve = PageUrlResolver(page_url, page.base).resolve
         offset, date, source_format = record.offset, record.date, record.source_format
         page_url_or_none = page_url or None
+        license = page.license
         with_alt = emitted = 0
         # Per pair, the common case (ASCII alt text without entities) is written out inline: this loop runs for
         # every image of every page, and the calls it saves were a quarter of the extraction's time.
@@ -164,7 +177,7 @@ def extract_pairs(records: Iterable[ArchiveRecord], rules: ExtractRules, status:
             uid = sha1((url + "\t" + text).encode("utf-8", "surrogatepass")).hexdigest()
             # text_key of normalised ASCII text is its lower case: lowering adds no whitespace to collapse.
             key = text.lower() if text.isascii() else text_key(text)
-            yield uid, url, text, page_url_or_none, offset, date, source_format, key
+            yield uid, url, text, page_url_or_none, offset, date, source_format, key, license
         status.images_with_alt += with_alt
         status.pairs_emitted += emitted
 

@@ -10,9 +10,11 @@ from laion_spark.lazy import lazy_attributes
 
 _LAZY = {
     "BuildReport": "laion_spark.index.build",
+    "IndexRemoval": "laion_spark.index.build",
     "IndexResult": "laion_spark.index.build",
     "build_index": "laion_spark.index.build",
     "indexable_rows": "laion_spark.index.build",
+    "remove_from_index": "laion_spark.index.build",
     "run_index": "laion_spark.index.build",
     "IndexMissing": "laion_spark.index.layout",
     "Manifest": "laion_spark.index.layout",
@@ -31,6 +33,7 @@ __all__ = [
     "IndexChoice",
     "IndexChoiceError",
     "IndexMissing",
+    "IndexRemoval",
     "IndexResult",
     "Manifest",
     "ModelRef",
@@ -40,5 +43,6 @@ __all__ = [
     "index_location",
     "indexable_rows",
     "read_manifest",
+    "remove_from_index",
     "run_index",
 ]

@@ -471,19 +471,7 @@ def _update(
     removed = 0
     if removals:
         clock = time.perf_counter()
-        new_names = {old: shard_name(prefix, number) for number, old in enumerate(sorted(removals))}
-        old_shards = {shard.name: shard for shard in previous.shards}
-
-        def rewrite(ids):  # one shard's ids to remove (pandas), in the task that rewrites it
-            import pandas as pd
-
-            old = old_shards[ids["shard"].iloc[0]]
-            new, left, dropped = rewrite_shard(ids["id"].to_numpy(), old, new_names[old.name], directory)
-            return pd.DataFrame({"old": [old.name], "new": [new], "count": [left], "removed": [dropped]})
-
-        for row in gone.groupBy("shard").applyInPandas(rewrite, REWRITTEN_SCHEMA).collect():
-            replaced[row["old"]] = Shard(row["new"], int(row["count"])) if row["new"] else None
-            removed += int(row["removed"])
+        replaced, removed = _rewrite_without(gone, sorted(removals), directory, previous, prefix)
         seconds["remove"] = time.perf_counter() - clock
 
     added_shards: list[Shard] = []
@@ -525,6 +513,70 @@ def _update(
         emptied_shards=sum(1 for shard in replaced.values() if shard is None),
         duplicate_ids=duplicates,
         seconds=seconds,
+    )
+
+
+def _rewrite_without(
+    gone: DataFrame, shards: list[str], directory: OutputDir, previous: Manifest, prefix: str
+) -> tuple[dict[str, Shard | None], int]:
+    """Rewrite each of ``shards`` without the ids ``gone`` (id, shard) names in it, one task per shard, each under
+    a new name. Returns old name -> new shard (None when emptied), and the vectors removed."""
+    new_names = {old: shard_name(prefix, number) for number, old in enumerate(shards)}
+    old_shards = {shard.name: shard for shard in previous.shards}
+
+    def rewrite(ids):  # one shard's ids to remove (pandas), in the task that rewrites it
+        import pandas as pd
+
+        old = old_shards[ids["shard"].iloc[0]]
+        new, left, dropped = rewrite_shard(ids["id"].to_numpy(), old, new_names[old.name], directory)
+        return pd.DataFrame({"old": [old.name], "new": [new], "count": [left], "removed": [dropped]})
+
+    replaced: dict[str, Shard | None] = {}
+    removed = 0
+    for row in gone.groupBy("shard").applyInPandas(rewrite, REWRITTEN_SCHEMA).collect():  # one row per shard
+        replaced[row["old"]] = Shard(row["new"], int(row["count"])) if row["new"] else None
+        removed += int(row["removed"])
+    return replaced, removed
+
+
+@dataclass
+class IndexRemoval:
+    """What :func:`remove_from_index` did: vectors removed (each of them from both the image and the text index)."""
+
+    location: str
+    removed: int = 0
+    rewritten_shards: int = 0
+    emptied_shards: int = 0
+    exists: bool = True  # False: the lake has no index yet (nothing to remove from)
+
+
+def remove_from_index(
+    spark: SparkSession, config: Config, lake: str, uids: DataFrame, run_id: str | None = None
+) -> IndexRemoval:
+    """Remove the vectors of ``uids`` (a DataFrame with a ``uid`` column) from the lake's index now, without adding
+    anything: the shards holding them are rewritten without them and the manifest switches to the new set, so
+    that search and a running serve (it reloads on a new manifest) never return them again (a takedown)."""
+    directory = index_location(lake, config.index.path)
+    previous = _read_previous(directory)
+    if previous is None:
+        return IndexRemoval(directory.uri, exists=False)
+    wanted = uids.select(sample_id_column("uid").alias("id")).distinct()
+    gone = indexed_ids(spark, directory, previous).join(wanted, "id", "left_semi")
+    shards = sorted(row["shard"] for row in gone.select("shard").distinct().collect())  # shard names only
+    if not shards:
+        return IndexRemoval(directory.uri)
+    replaced, removed = _rewrite_without(gone, shards, directory, previous, run_id or new_run_id())
+    kept = [replaced.get(shard.name, shard) for shard in previous.shards]
+    kept = [shard for shard in kept if shard is not None]
+    # The versions stay those the index was built from: the next `laion-spark index` compares with dataset as usual.
+    manifest = dataclasses.replace(previous, shards=kept, count=sum(s.count for s in kept), updated_at=_now())
+    write_manifest(directory, manifest)
+    delete_unreferenced(directory, manifest)
+    return IndexRemoval(
+        directory.uri,
+        removed=removed,
+        rewritten_shards=sum(1 for shard in replaced.values() if shard is not None),
+        emptied_shards=sum(1 for shard in replaced.values() if shard is None),
     )
 
 

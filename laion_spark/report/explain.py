@@ -167,7 +167,7 @@ def format_story(story: PairStory) -> str:
         model = story.runs.get((e["run_id"], "score"), {})
         checksum = f", checkpoint sha256 {model['model_checksum'][:16]}" if model.get("model_checksum") else ""
         lines.append(
-            f"    {e['status']}: similarity {similarity}, NSFW tag {e['nsfw']}, model {e['model']}{checksum}"
+            f"    {e['status']}: similarity {similarity}, NSFW tag {e['nsfw'] or '(not tagged)'}, model {e['model']}{checksum}"
             f"{run('score', e['run_id'])}"
         )
     lines += _decisions(story, "score", "    not scored")

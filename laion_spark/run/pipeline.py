@@ -20,6 +20,7 @@ from laion_spark.config import STAGES, Config, ConfigError
 from laion_spark.report import format_funnel
 from laion_spark.run.lock import DEFAULT_LEASE_HOURS, LockHolder, LockLost, RunLock
 from laion_spark.run.messages import format_duration, one_line
+from laion_spark.run.progress import check_log_format, emit_event, emit_stage_summary
 from laion_spark.storage import StageCounter, new_run_id
 from laion_spark.storage.files import cleanup_afterwards
 from laion_spark.storage.stats import OUTCOME_PREFIX
@@ -108,12 +109,13 @@ def run_pipeline(
     """Run the selected stages in order over ``lake`` under one run id, holding the lake's run lock.
 
     ``inputs`` feed extract (required when it runs); ``force`` goes to extract, ``retry_failed`` to download.
-    ``progress`` gets one line when a stage starts and one when it ends (default: print). A stage that raises
-    stops the run: the result then names the stage and the error in one line (``failure``), and the traceback
-    is logged at DEBUG. Raises :class:`LakeLocked`, touching no table, when another live run holds the lake;
-    ``break_lock`` takes the lake from it at once (for a run known to be dead).
+    ``progress`` gets one line when a stage starts and one when it ends (default: print them, or with
+    ``run.log_format: json`` write each as a JSON object; a JSON summary of each stage follows its end line then).
+    A stage that raises stops the run: the result then names the stage and the error in one line (``failure``),
+    and the traceback is logged at DEBUG. Raises :class:`LakeLocked`, touching no table, when another live run
+    holds the lake; ``break_lock`` takes the lake from it at once (for a run known to be dead).
     """
-    report = progress or _print
+    report = progress or _reporter(config)
     selected = select_stages(stages, until)
     if "extract" in selected and not inputs:
         raise ConfigError("extract needs inputs (--input PATH|GLOB|MANIFEST), or leave it out with --stages")
@@ -141,6 +143,7 @@ def run_pipeline(
                 break
             done = StageRun.of(name, outcome, time.monotonic() - started)
             result.done.append(done)
+            emit_stage_summary(config, name, outcome, done.seconds, result.run_id)
             log.debug("%s", done.summary)
             report(f"{step} {done.progress_line()}")
             if number < len(selected) and not _still_holds(lock, result):
@@ -195,3 +198,10 @@ def _funnel(spark: SparkSession, result: PipelineResult) -> str | None:
 
 def _print(line: str) -> None:
     print(line, flush=True)
+
+
+def _reporter(config: Config) -> Callable[[str], None]:
+    """Where the run's own lines go: printed, or as JSON objects (``{"event": "run", ...}``) in json format."""
+    if check_log_format(config.run.log_format) == "text":
+        return _print
+    return lambda line: emit_event({"event": "run", "message": line}, None, "json")

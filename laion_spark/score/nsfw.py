@@ -14,6 +14,33 @@ NSFW = "NSFW"
 UNSURE = "UNSURE"
 UNLIKELY = "UNLIKELY"
 
+# Where the tag comes from (clip.nsfw_tags); auto is resolved by nsfw_tag_source before any worker starts.
+AUTO, ZERO_SHOT, DETECTOR, NO_TAGS = "auto", "zero_shot", "detector", "none"
+NSFW_TAG_SOURCES = (AUTO, ZERO_SHOT, DETECTOR, NO_TAGS)
+# detector tags: punsafe at or above this is NSFW (the detector was trained towards 0/1 targets).
+DETECTOR_NSFW_CUT = 0.5
+
+
+def nsfw_tag_source(nsfw_tags: str, pretrained: str, nsfw_detector_path: str) -> str:
+    """clip.nsfw_tags with ``auto`` resolved: zero_shot, or none for random weights (empty ``pretrained``), whose
+    prompt similarities are noise. Raises ConfigError for an unknown value or detector without a detector."""
+    from laion_spark.config import ConfigError
+
+    if nsfw_tags not in NSFW_TAG_SOURCES:
+        raise ConfigError(f"clip.nsfw_tags: expected one of {', '.join(NSFW_TAG_SOURCES)}, got {nsfw_tags!r}")
+    if nsfw_tags == DETECTOR and not nsfw_detector_path:
+        raise ConfigError(
+            "clip.nsfw_tags is detector but clip.nsfw_detector_path is empty: give the detector's weights"
+        )
+    if nsfw_tags == AUTO:
+        return ZERO_SHOT if pretrained else NO_TAGS
+    return nsfw_tags
+
+
+def detector_tags(unsafe: np.ndarray) -> np.ndarray:
+    """Tags from the detector's punsafe: ``NSFW`` at :data:`DETECTOR_NSFW_CUT` or more, else ``UNLIKELY``."""
+    return np.where(np.asarray(unsafe) >= DETECTOR_NSFW_CUT, NSFW, UNLIKELY).astype(object)
+
 
 def zero_shot_tags(prompt_similarities: np.ndarray, nsfw_prompt_count: int) -> np.ndarray:
     """LAION-400M's rule over image-to-prompt similarities [N, P], whose first ``nsfw_prompt_count`` are NSFW.

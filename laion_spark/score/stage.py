@@ -30,6 +30,7 @@ from laion_spark.curate.chain import (
     validate_filters,
 )
 from laion_spark.curate.chain import STAGE as CHAIN_STAGE
+from laion_spark.run.progress import stage_progress
 from laion_spark.schemas import CANDIDATES, DATASET, DATASET_SCHEMA, EMBEDDINGS, EMBEDDINGS_SCHEMA, IMAGES, RUNS
 from laion_spark.score.model import check_loadable
 from laion_spark.score.nsfw import load_nsfw_detector
@@ -82,13 +83,17 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
         # Narrow (uid, text, fetch_batch), staged once; each slice joins its rows to the image bytes of its own
         # partitions of images only, so the bytes are read once, by the slice that scores them.
         order = ["fetch_batch", BUCKET]
-        with staged_work(with_bucket(to_score, "uid"), lake, "score_todo", order, to_score_count) as todo:
+        with (
+            stage_progress(config, STAGE, to_score_count, "images", run_id) as progress,
+            staged_work(with_bucket(to_score, "uid"), lake, "score_todo", order, to_score_count) as todo,
+        ):
             # One row per download slice that left work: metadata-sized.
             per_batch = [(row.fetch_batch, row["count"]) for row in todo.groupBy("fetch_batch").count().collect()]
             slices = plan_slices(per_batch, clip.images_per_slice)
             for piece in slices:
                 rows = todo.where(piece.condition("fetch_batch"))
                 _score_slice(spark, lake, rows, piece.groups, settings, run_id, clip.partitions)
+                progress.advance(piece.rows)
                 log.info("score: slice %d of %d committed (~%d images)", piece.number, len(slices), piece.rows)
     this_run = read_table(spark, lake, EMBEDDINGS, missing_ok=True).where(F.col("run_id") == run_id)
     incremental = filters == [THRESHOLD]

@@ -25,7 +25,15 @@ import numpy as np
 
 from laion_spark.config import ClipConfig, ConfigError
 from laion_spark.score.model import LoadedClip, ModelSpec, clip_model, resolve_local_path, task_device
-from laion_spark.score.nsfw import nsfw_detector, punsafe, zero_shot_tags
+from laion_spark.score.nsfw import (
+    DETECTOR,
+    ZERO_SHOT,
+    detector_tags,
+    nsfw_detector,
+    nsfw_tag_source,
+    punsafe,
+    zero_shot_tags,
+)
 
 OK = "ok"
 FAILED_TO_DECODE = "failed_to_decode"
@@ -42,6 +50,7 @@ class ScoringSettings:
     nsfw_prompts: tuple[str, ...] = ()
     safe_prompts: tuple[str, ...] = ()
     nsfw_detector_path: str = ""
+    nsfw_tags: str = ZERO_SHOT  # zero_shot | detector | none: clip.nsfw_tags, auto resolved
     load_log_dir: str = ""
     prefetch_batches: int = 2
 
@@ -59,6 +68,7 @@ class ScoringSettings:
             nsfw_prompts=tuple(clip.nsfw_prompts),
             safe_prompts=tuple(clip.safe_prompts),
             nsfw_detector_path=resolve_local_path(clip.nsfw_detector_path),
+            nsfw_tags=nsfw_tag_source(clip.nsfw_tags, clip.pretrained, clip.nsfw_detector_path),
             load_log_dir=clip.load_log_dir,
         )
 
@@ -149,7 +159,8 @@ def score_batches(
     _limit_cpu_threads(device)
     model = clip_model(settings.spec, device, settings.load_log_dir)
     detector = nsfw_detector(settings.nsfw_detector_path, device) if settings.nsfw_detector_path else None
-    prompts = settings.nsfw_prompts + settings.safe_prompts
+    # No prompt embeddings when the tags come from elsewhere: nothing would read them.
+    prompts = settings.nsfw_prompts + settings.safe_prompts if settings.nsfw_tags == ZERO_SHOT else ()
     prepared = prepare_model_batches(batches, model, settings.batch_size)
     for batch in prefetch(prepared, _prefetch_depth(settings.prefetch_batches, device)):
         if batch.failed_uids:
@@ -345,19 +356,23 @@ def _score_model_batch(
     image_features = model.encode_images(batch.pixels)
     text_features = model.encode_tokens(batch.tokens)
     similarity = (image_features * text_features).sum(dim=-1)
-    prompt_features = model.prompt_embeddings(prompts)
-    if prompt_features is not None:
-        tags = zero_shot_tags((image_features @ prompt_features.T).cpu().numpy(), nsfw_prompt_count)
-    else:
-        tags = zero_shot_tags(np.zeros((len(batch.uids), 0), dtype=np.float32), 0)
     unsafe = punsafe(detector, image_features) if detector is not None else None
+    tags = None  # clip.nsfw_tags none: no tag, stored as null
+    if settings.nsfw_tags == ZERO_SHOT:
+        prompt_features = model.prompt_embeddings(prompts)
+        if prompt_features is not None:
+            tags = zero_shot_tags((image_features @ prompt_features.T).cpu().numpy(), nsfw_prompt_count).tolist()
+        else:
+            tags = zero_shot_tags(np.zeros((len(batch.uids), 0), dtype=np.float32), 0).tolist()
+    elif settings.nsfw_tags == DETECTOR and unsafe is not None:
+        tags = detector_tags(unsafe).tolist()
     return ScoredBatch(
         uids=batch.uids,
         status=[OK] * len(batch.uids),
         image_embeddings=round_embeddings(image_features.cpu().numpy(), settings.embedding_dtype),
         text_embeddings=round_embeddings(text_features.cpu().numpy(), settings.embedding_dtype),
         similarity=similarity.cpu().numpy().astype(np.float32),
-        nsfw=tags.tolist(),
+        nsfw=tags,
         punsafe=None if unsafe is None else np.asarray(unsafe, dtype=np.float32),
     )
 

@@ -107,7 +107,9 @@ def ensure_table(
     ``properties`` (by default the table's own in ``schemas.TABLE_PROPERTIES``: ``pairs`` records its change data
     feed), partitioned by its ``schemas.PARTITION_COLUMNS``. An existing table gets the nullable columns that
     ``schema`` declares and it lacks (a lake written by an older laion_spark: ``images.phash``), in one ``ALTER
-    TABLE ... ADD COLUMNS`` commit, so that appends and merges of today's rows succeed; its rows read null there."""
+    TABLE ... ADD COLUMNS`` commit, so that appends and merges of today's rows succeed; its rows read null there. A
+    column declared nullable today that the table holds NOT NULL loses that constraint (``ALTER COLUMN ... DROP NOT
+    NULL``)."""
     schema = schema or SCHEMAS[name]
     if table_exists(spark, lake, name):
         _add_missing_columns(spark, lake, name, schema)
@@ -128,13 +130,22 @@ def ensure_table(
 
 
 def _add_missing_columns(spark: SparkSession, lake: str, name: str, schema: StructType) -> None:
-    present = {column.lower() for column in read_table(spark, lake, name).columns}
+    present = {field.name.lower(): field for field in read_table(spark, lake, name).schema.fields}
     missing = [f for f in schema.fields if f.name.lower() not in present and f.nullable]
-    if not missing:
-        return
-    columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
-    log.info("table %s: adding column(s) %s (written by an older laion_spark)", name, columns)
-    spark.sql(f"ALTER TABLE {table_ref(lake, name)} ADD COLUMNS ({columns})")
+    if missing:
+        columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+        log.info("table %s: adding column(s) %s (written by an older laion_spark)", name, columns)
+        spark.sql(f"ALTER TABLE {table_ref(lake, name)} ADD COLUMNS ({columns})")
+    # A column that today's schema allows to be null (dataset.nsfw: no tag without a competent NSFW model) but an
+    # older laion_spark created NOT NULL: writes of today's null rows would fail the table's constraint.
+    relaxed = [
+        f.name
+        for f in schema.fields
+        if f.nullable and f.name.lower() in present and not present[f.name.lower()].nullable
+    ]
+    for column in relaxed:
+        log.info("table %s: column %s may now be null (created NOT NULL by an older laion_spark)", name, column)
+        spark.sql(f"ALTER TABLE {table_ref(lake, name)} ALTER COLUMN `{column}` DROP NOT NULL")
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,10 @@ CLIP_RETRIEVAL = PeerEnv(
     shares_project_packages=True,
 )
 
+# img2dataset's own CLI (bench/download.py runs it on the same URLs as our download stage). It needs no torch: its
+# environment is entirely its own (OpenCV for decode, resize and encode; its own pyarrow, pandas and fsspec).
+IMG2DATASET = PeerEnv(name="img2dataset", probe="import img2dataset, cv2", requirements=("img2dataset==1.47.0",))
+
 
 def peer_python(env: PeerEnv, directory: Path) -> Path:
     """The Python of ``env`` installed in ``directory`` (created and installed on first use, or when ``env``

@@ -8,6 +8,10 @@ request is counted in ``server.hits``. It is a test fixture, not a web server: b
 from __future__ import annotations
 
 import functools
+import select
+import socket
+import socketserver
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -49,6 +53,31 @@ class ImageServer(ThreadingHTTPServer):
         self.pool = list(pool)
         self.hits: Counter[str] = Counter()
         self._hits_lock = threading.Lock()
+        self.connections = 0  # TCP connections accepted: keep-alive tests count them
+        self.tls: ssl.SSLContext | None = None  # set by serve_tls
+        self.server_names: list[str | None] = []  # the SNI of every TLS handshake, None when the client sent none
+        self.failed_handshakes = 0
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, address = super().get_request()
+        with self._hits_lock:
+            self.connections += 1
+        if self.tls is not None:
+            # The handshake happens in the request's thread (finish_request), not in the accept loop.
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[override]
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(5.0)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ssl.SSLError):
+                with self._hits_lock:
+                    self.failed_handshakes += 1
+                return
+        super().finish_request(request, client_address)
 
     def count(self, path: str) -> None:
         with self._hits_lock:
@@ -62,7 +91,7 @@ class ImageServer(ThreadingHTTPServer):
     @property
     def base_url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{port}"
 
 
 class SyntheticImageHandler(BaseHTTPRequestHandler):
@@ -127,3 +156,93 @@ def serve_synthetic_images(
     """Start the synthetic image server in a thread and return it with its base URL (``http://127.0.0.1:PORT``)."""
     server = start_server(SyntheticImageHandler, host, port, pool)
     return server, server.base_url
+
+
+def serve_tls(
+    context: ssl.SSLContext,
+    handler: type[BaseHTTPRequestHandler] = SyntheticImageHandler,
+    host: str = "127.0.0.1",
+    server_class: type[ImageServer] = ImageServer,
+) -> ImageServer:
+    """``handler`` over TLS with ``context`` (its certificate and key loaded); ``server.server_names`` records SNI."""
+    server = start_server(handler, host, server_class=server_class)
+
+    def record_server_name(_connection: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
+        server.server_names.append(name)
+
+    context.sni_callback = record_server_name
+    server.tls = context
+    return server
+
+
+class ConnectProxy(socketserver.ThreadingTCPServer):
+    """A small HTTP proxy that only speaks CONNECT, as the ones VPCs route egress through; ``targets`` lists what it
+    was asked to connect to. It connects wherever it is told: judging targets is the client's job."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int]):
+        super().__init__(address, _ConnectHandler)
+        self.targets: list[str] = []
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class _ConnectHandler(socketserver.BaseRequestHandler):
+    server: ConnectProxy
+
+    def handle(self) -> None:
+        client: socket.socket = self.request
+        client.settimeout(5.0)
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            chunk = client.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        method, _, rest = request_line.partition(" ")
+        authority = rest.split(" ", 1)[0]
+        if method != "CONNECT":
+            client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            return
+        self.server.targets.append(authority)
+        host, _, port = authority.rpartition(":")
+        try:
+            upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=5.0)
+        except (OSError, ValueError):
+            client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            return
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        _pipe(client, upstream)
+
+
+def _pipe(one: socket.socket, other: socket.socket, idle_s: float = 15.0) -> None:
+    """Copy bytes both ways until either side closes or both are idle for ``idle_s``."""
+    peers = {one: other, other: one}
+    try:
+        while True:
+            readable, _, _ = select.select(list(peers), [], [], idle_s)
+            if not readable:
+                return
+            for sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                peers[sock].sendall(data)
+    except OSError:
+        pass
+    finally:
+        one.close()
+        other.close()
+
+
+def start_connect_proxy(host: str = "127.0.0.1") -> ConnectProxy:
+    """Start a CONNECT proxy on a free port of ``host`` in a daemon thread; ``proxy.shutdown()`` stops it."""
+    proxy = ConnectProxy((host, 0))
+    threading.Thread(target=proxy.serve_forever, name="connect-proxy", daemon=True).start()
+    return proxy
