@@ -56,7 +56,7 @@ def assert_demo_consumables(demo_output: str, workdir: Path) -> None:
 def assert_demo_progress(demo_output: str) -> None:
     """Every stage of the run says how far it got: its progress lines, the last one at its total (README,
     "Progress and logs")."""
-    for stage in DETERMINISTIC_STAGES + ("score",):
+    for stage in (*DETERMINISTIC_STAGES, "score", "export", "index"):  # export and index: the demo's outputs
         finals = re.findall(rf"^progress {stage}: ([\d,]+)/([\d,]+) .*, done in ", demo_output, re.M)
         assert finals and finals[-1][0] == finals[-1][1], f"no final progress line of {stage} at its total"
 

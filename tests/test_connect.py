@@ -62,6 +62,7 @@ def _notebook_code(lake: str) -> str:
     cells = json.loads((PROJECT_ROOT / "notebooks" / "explore_lake.ipynb").read_text())["cells"]
     code = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
     code = re.sub(r"(?m)^LAKE = .*$", f"LAKE = {lake!r}", code)
+    code = re.sub(r"(?m)^(%.*)$", r"# \1", code)  # IPython's magics (%matplotlib inline), as nbconvert --to script
     return code + "\nprint(type(spark).__module__)\n"
 
 

@@ -86,7 +86,11 @@ def test_core_requirements_leave_spark_delta_and_torch_to_the_runtime():
     index = {canonicalize_name(Requirement(line).name) for line in extras["index"].split()}
     assert index == {"faiss-cpu"}
     assert not core & index  # the pipeline's stages run without faiss; only index, search and serve need it
-    assert {canonicalize_name(r.name) for r in requirements("options.extras_require", "all")} == spark | clip | index
+    report = {canonicalize_name(Requirement(line).name) for line in extras["report"].split()}
+    assert report == {"jinja2", "matplotlib"}
+    assert not core & {"matplotlib"}  # only `laion-spark report` and the notebooks' plots need it
+    everything = spark | clip | index | report
+    assert {canonicalize_name(r.name) for r in requirements("options.extras_require", "all")} == everything
 
 
 def test_every_requirement_is_a_range_and_its_pin_lies_inside_it():

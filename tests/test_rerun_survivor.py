@@ -59,7 +59,7 @@ def test_an_earlier_capture_ingested_later_keeps_the_download_of_its_key(spark, 
         run_download(spark, config, lake, run_id="download-2")
 
         # every image URL reached the server exactly once, over both runs
-        assert dict(server.hits) == {image: 1 for image, *_ in IMAGES_SEEN_TWICE}
+        assert dict(server.image_hits()) == {image: 1 for image, *_ in IMAGES_SEEN_TWICE}
         assert dict((step, out) for step, _, out in second_candidates.steps)["dedup_against_lake"] == 3
         candidates = read_table(spark, lake, CANDIDATES).collect()
         assert len(candidates) == len(IMAGES_SEEN_TWICE), "one candidate per key"

@@ -60,7 +60,7 @@ class Site:
         return options
 
     def hits(self) -> Counter[str]:
-        return Counter(self.server.hits)
+        return self.server.image_hits()  # robots.txt and TDMRep: once per worker, cached across runs
 
 
 @pytest.fixture(scope="module")

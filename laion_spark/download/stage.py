@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import pandas as pd
@@ -141,13 +142,16 @@ def run_download(
         return counter
     to_fetch = with_bucket(marked.where(~F.col("settled")).select("uid", "url"), "url")
     ensure_table(spark, lake, IMAGES)
+    slices = plan_slices([(None, fetch_count)], settings.urls_per_slice)
     # Every URL of the run, narrow (uid, url), staged once: each slice then reads its own bucket range of it,
-    # instead of joining candidates with images again.
-    with (
-        stage_progress(config, "download", fetch_count, "urls", counter.run_id) as progress,
-        staged_work(to_fetch, lake, "download_todo", [BUCKET, "url"], fetch_count) as todo,
-    ):
-        slices = plan_slices([(None, fetch_count)], settings.urls_per_slice)
+    # instead of joining candidates with images again. One slice reads the join once anyway: no staging table
+    # (its write, read and drop are a fixed cost that a small run felt most: bench/download.py).
+    staging = (
+        nullcontext(to_fetch)
+        if len(slices) == 1
+        else staged_work(to_fetch, lake, "download_todo", [BUCKET, "url"], fetch_count)
+    )
+    with stage_progress(config, "download", fetch_count, "urls", counter.run_id) as progress, staging as todo:
         for piece in slices:
             batch = f"{counter.run_id}-{piece.number:05d}"
             rows = todo.where(piece.condition()).select("uid", "url")

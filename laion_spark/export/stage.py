@@ -37,6 +37,7 @@ from laion_spark.export.plan import ExportContext, count_by_bucket, number_rows,
 from laion_spark.export.schemas import LAION5B_SCHEMAS
 from laion_spark.export.webdataset import ShardSettings, ShardWriter, key_digits, webdataset_rows
 from laion_spark.export.writers import STATUS_DDL, GroupStatus, GroupWriter, write_groups
+from laion_spark.run.progress import stage_progress
 from laion_spark.schemas import DATASET
 from laion_spark.storage import StageCounter, is_catalog_lake, latest_version, new_run_id, table_exists
 from laion_spark.storage.delta import read_table_version
@@ -126,7 +127,12 @@ def run_export(
         state.write(export_dir)  # claim OUT for this format before any of its files appears
 
     plan = _plan(ctx, export_dir, layout, files, rows_per_group)
-    statuses = _write(ctx, export_dir, plan)
+    run_id = run_id or new_run_id()
+    # The groups are written by the tasks of one Spark job: the line repeats its rate and time until they all end.
+    to_write = len(set(plan.rewrite) | set(plan.emptied)) + len(plan.new_groups)
+    with stage_progress(config, "export", to_write, "files", run_id) as progress:
+        statuses = _write(ctx, export_dir, plan)
+        progress.advance(len(statuses))
     if fmt == "embeddings" and not options.get("dimension"):
         options["dimension"] = max((int(s.dimension) for s in statuses), default=0)
 
@@ -150,7 +156,7 @@ def run_export(
         sample_id_collisions=0 if layout.key_is_uid else _collisions(plan.keys),
         leftovers_removed=leftovers,
         seconds=0.0,
-        run_id=run_id or new_run_id(),
+        run_id=run_id,
     )
     rows_exported = sum(int(written[group].rows) for group in plan.new_groups)
     _record(spark, lake, result, rows_exported, rows_before=sum(rows for rows, _ in plan.held.values()))

@@ -61,6 +61,7 @@ from laion_spark.index.shards import (
     vectors_from_arrow,
 )
 from laion_spark.index.train import query_ef_search, set_search_params, train_index
+from laion_spark.run.progress import stage_progress
 from laion_spark.schemas import DATASET, EMBEDDINGS
 from laion_spark.storage import StageCounter, latest_version, new_run_id, table_exists
 from laion_spark.storage.delta import read_table_version
@@ -183,10 +184,40 @@ def run_index(
     model_name = _one_model(census["models"], lake) or (previous.model.name if previous is not None else "")
     model = model_ref(model_name, config.clip)
     rows = indexable_rows(dataset, embeddings)
-
+    if previous is None and census["embedded_rows"] == 0:
+        raise ConfigError(f"lake {lake}: no dataset row has an ok embedding, nothing to index (run score first)")
+    with stage_progress(config, STAGE, census["embedded_rows"], "vectors", run_id) as progress:
+        result = _build_or_update(
+            spark, settings, directory, previous, rows, census, model, dataset_version, embeddings_version, run_id
+        )
+        progress.advance(census["embedded_rows"])
     if previous is None:
-        if census["embedded_rows"] == 0:
-            raise ConfigError(f"lake {lake}: no dataset row has an ok embedding, nothing to index (run score first)")
+        counter.add("added", census["embedded_rows"], result.manifest.count)
+    else:
+        counter.add("removed", previous.count, previous.count - result.removed)
+        counter.add("added", result.added + result.duplicate_ids, result.added)
+    result.deleted_files = delete_unreferenced(directory, result.manifest)
+    result.rebuild_advice = rebuild_advice(result.manifest, settings)
+    result.run_id = run_id
+    result.seconds["total"] = time.perf_counter() - started
+    counter.add("indexed", census["embedded_rows"], result.manifest.count)
+    counter.write(spark, lake)
+    return result
+
+
+def _build_or_update(
+    spark: SparkSession,
+    settings: IndexConfig,
+    directory: OutputDir,
+    previous: Manifest | None,
+    rows: DataFrame,
+    census: dict,
+    model: ModelRef,
+    dataset_version: int,
+    embeddings_version: int,
+    run_id: str,
+) -> IndexResult:
+    if previous is None:
         report = build_index(
             spark,
             rows,
@@ -207,17 +238,8 @@ def run_index(
             duplicate_ids=report.duplicate_ids,
             seconds=report.seconds,
         )
-        counter.add("added", census["embedded_rows"], manifest.count)
     else:
         result = _update(spark, rows, directory, settings, previous, model, dataset_version, embeddings_version, run_id)
-        counter.add("removed", previous.count, previous.count - result.removed)
-        counter.add("added", result.added + result.duplicate_ids, result.added)
-    result.deleted_files = delete_unreferenced(directory, result.manifest)
-    result.rebuild_advice = rebuild_advice(result.manifest, settings)
-    result.run_id = run_id
-    result.seconds["total"] = time.perf_counter() - started
-    counter.add("indexed", census["embedded_rows"], result.manifest.count)
-    counter.write(spark, lake)
     return result
 
 

@@ -17,10 +17,13 @@ from collections import Counter
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from laion_spark.download.tdmrep import WELL_KNOWN_PATH
 from laion_spark.testing.synthetic import SyntheticImage, all_kinds, draw, encode
 
 CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
+# What the downloader asks each host for before its first image (download.respect_robots_txt, respect_tdmrep).
+SITE_RULE_PATHS = ("/robots.txt", WELL_KNOWN_PATH)
 
 
 @functools.cache
@@ -82,6 +85,11 @@ class ImageServer(ThreadingHTTPServer):
     def count(self, path: str) -> None:
         with self._hits_lock:
             self.hits[path] += 1
+
+    def image_hits(self) -> Counter[str]:
+        """The requests by path, without the site rules a polite fetcher asks each host for (robots.txt, TDMRep)."""
+        with self._hits_lock:
+            return Counter({path: n for path, n in self.hits.items() if path not in SITE_RULE_PATHS})
 
     @property
     def total_hits(self) -> int:
