@@ -103,11 +103,12 @@ def read_vectors(directory: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, values.reshape(len(ids), dim)
 
 
-def spark_build(directory: Path, out: Path, rows: int, cores: int) -> dict:
+def spark_build(directory: Path, out: Path, rows: int, cores: int, read_vectors: str) -> dict:
     from pyspark.sql import functions as F
 
     from laion_spark.config import IndexConfig, SparkConfig
     from laion_spark.index.build import build_index
+    from laion_spark.index.located import locate_vectors, located_columns
     from laion_spark.session import build_local_session
 
     spark = build_local_session(
@@ -122,15 +123,23 @@ def spark_build(directory: Path, out: Path, rows: int, cores: int) -> dict:
         )
     )
     spark.sparkContext.setLogLevel("ERROR")
-    settings = IndexConfig(vectors_per_shard=math.ceil(rows / cores))
+    settings = IndexConfig(vectors_per_shard=math.ceil(rows / cores), read_vectors=read_vectors)
     wall, cpu = time.perf_counter(), _cpu_seconds_of_tree()
-    embedding = F.col("embedding")
-    vectors = spark.read.parquet(str(directory)).select(
-        "id", embedding.alias("image_embedding"), embedding.alias("text_embedding")
-    )
-    report = build_index(spark, vectors, str(out), settings)
+    source = spark.read.parquet(str(directory))
+    # The files hold one vector column, which stands for both modalities (as in the single-process build).
+    files = locate_vectors(source, {"image": "embedding", "text": "embedding"}, "id", settings.read_vectors)
+    if files is not None:
+        vectors = source.select("id", *located_columns("id"))
+    else:
+        embedding = F.col("embedding")
+        vectors = source.select("id", embedding.alias("image_embedding"), embedding.alias("text_embedding"))
+    report = build_index(spark, vectors, str(out), settings, files=files)
     result = dict(
-        wall_s=time.perf_counter() - wall, cpu_s=_cpu_seconds_of_tree() - cpu, report=report, settings=settings
+        wall_s=time.perf_counter() - wall,
+        cpu_s=_cpu_seconds_of_tree() - cpu,
+        report=report,
+        settings=settings,
+        read_by="pyarrow in the tasks" if files is not None else "Spark (array<float> to Arrow)",
     )
     spark.stop()
     return result
@@ -210,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries for recall and QPS")
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="Spark local[N], faiss threads")
     parser.add_argument("--workdir", default=str(DATA), help=f"where vectors and indexes go (default {DATA})")
+    parser.add_argument(
+        "--read-vectors",
+        choices=("auto", "files", "spark"),
+        default="auto",
+        help="index.read_vectors: how the Spark tasks get the vectors (default auto: the parquet files, with pyarrow)",
+    )
     args = parser.parse_args(argv)
     rows = 200_000 if args.quick else args.rows
     import faiss
@@ -232,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     for out in (spark_out, single_out):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-    spark = spark_build(data, spark_out, rows, args.cores)
+    spark = spark_build(data, spark_out, rows, args.cores, args.read_vectors)
     manifest = spark["report"].manifest
     print(
         f"  index: {manifest.index_type}  factory {manifest.factory}  nprobe {manifest.nprobe}  "
@@ -260,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"  {'spark':<16} {spark['wall_s']:8.1f} {spark['cpu_s']:8.1f} {per_core['spark']:12,.0f}   "
-        f"{spark_phases} (vectors_per_shard {spark['settings'].vectors_per_shard:,})"
+        f"{spark_phases} (vectors_per_shard {spark['settings'].vectors_per_shard:,}; vectors read by "
+        f"{spark['read_by']})"
     )
     print(
         f"  recall@10 {quality['recall']:.4f} against exact search ({exact_s:.1f} s), "

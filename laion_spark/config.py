@@ -259,14 +259,19 @@ class IndexConfig:
     flat_max_rows: int = 100_000
     # At most this many vectors (a random sample of embeddings) train the IVF quantizer.
     train_sample: int = 200_000
-    # Vectors per index shard, at most: the input partitions are grouped (no shuffle) into about ceil(rows / this)
-    # tasks, and a task with more rows cuts them into several shards.
+    # Vectors per index shard, at most: the rows are planned into ceil(rows / this) tasks (runs of the embeddings'
+    # files; with read_vectors spark, the input partitions grouped without a shuffle), and a task with more rows
+    # cuts them into several shards.
     vectors_per_shard: int = 1_000_000
     # IVF lists probed per query (0: the smallest power of two reaching target_recall, measured at build time on a
     # held-out part of the training sample against exact search; recorded beside the index).
     nprobe: int = 0
     # Recall@10 (against exact search) that the chosen nprobe must reach on the held-out sample.
     target_recall: float = 0.95
+    # How the tasks get the embeddings: auto reads the embeddings table's parquet files with pyarrow (each row found
+    # by its file, Spark's _metadata.file_path, and its uid) when the driver can open them, else Spark hands the
+    # vectors over; files insists on the first (an error if impossible), spark on the second.
+    read_vectors: str = "auto"
 
 
 @dataclass

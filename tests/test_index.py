@@ -128,6 +128,7 @@ def test_build_writes_the_layout_and_each_row_finds_itself(spark, demo_lake, lak
     assert {row.step for row in stats} >= {"with_ok_embedding", "added", "indexed"}
     assert all(row.stage == "index" for row in stats)
     assert "built Flat" in result.summary()
+    assert result.vectors_read_by == "files" and "vectors read by files" in result.summary()
 
 
 @pytest.mark.slow
@@ -260,8 +261,13 @@ def test_ivf_index_is_trained_on_a_bounded_sample_and_built_in_shards_by_tasks(
     directory = OutputDir(config.index.path)
     manifest = read_manifest(directory)
     assert manifest.count > 80 and manifest.params["sample_rows"] == 80
+    assert result.vectors_read_by == "files"
     assert not [call for call in received if call[1]], received
-    assert sum(rows for _, _, rows in received) <= len(manifest.shards) + 10  # a few counts and one row per shard
+    # A few counts, one row per shard, and for the two plans of located vectors (sample and shards) a row per file
+    # of the embeddings and one per partition.
+    embedding_files = len(read_table(spark, lake, EMBEDDINGS).inputFiles())
+    bound = len(manifest.shards) + 10 + 2 * (embedding_files + len(manifest.shards))
+    assert sum(rows for _, _, rows in received) <= bound
     assert sorted(path.name for path in Path(config.index.path).iterdir()) == [
         "image",
         "manifest.json",
@@ -378,3 +384,97 @@ def test_remove_ids_works_on_every_index_type(tmp_path, flat_max_rows, max_memor
         _, found = rewritten.search(vectors[:100], 10)
         assert not set(found.ravel().tolist()) & set(gone.tolist())
     assert pq.read_table(directory.path("metadata/new.parquet")).num_rows == n - 100
+
+
+def test_plan_file_partitions_cuts_the_files_order_at_even_counts():
+    from laion_spark.index.located import plan_file_partitions
+
+    spans, partitions = plan_file_partitions([("a", 30), ("b", 50), ("c", 20)], 40)
+    assert partitions == 3  # ceil(100 / 40)
+    assert spans == [("a", 0, 30), ("b", 30, 50), ("c", 80, 20)]
+    assert plan_file_partitions([], 40) == ([], 0)
+
+
+def test_partition_keys_reach_each_partition_through_spark_hash_partitioning(spark):
+    from laion_spark.index.located import partition_keys
+
+    keys = partition_keys(spark, 7)
+    frame = spark.createDataFrame([(key, p) for p, key in enumerate(keys)], "key long, planned int")
+    placed = frame.repartition(7, "key").select("planned", F.spark_partition_id().alias("partition")).collect()
+    assert sorted((row.planned, row.partition) for row in placed) == [(p, p) for p in range(7)]
+
+
+@pytest.fixture(scope="module")
+def located_table(spark, tmp_path_factory):
+    """A Delta table of embeddings like the lake's, in three files under a path with a space, with deletion
+    vectors: rows deleted after writing (still in the files, marked deleted), and rows without vectors (status
+    failed) between the ok ones. Returns (path, id -> vector of the ok rows left)."""
+    rng = np.random.default_rng(9)
+    d, n = 8, 150
+    vectors = rng.standard_normal((n, d)).astype("float32")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = [(i, "failed" if i % 7 == 3 else "ok", None if i % 7 == 3 else vectors[i].tolist()) for i in range(n)]
+    path = str(tmp_path_factory.mktemp("located") / "embeddings table")
+    schema = "id long, status string, image_embedding array<float>, text_embedding array<float>"
+    frame = spark.createDataFrame(
+        [(i, status, v, None if v is None else [-x for x in v]) for i, status, v in rows], schema
+    )
+    frame.repartition(3).write.format("delta").option("delta.enableDeletionVectors", "true").save(path)
+    spark.sql(f"DELETE FROM delta.`{path}` WHERE id % 10 = 4")
+    kept = {i: vectors[i] for i, status, _ in rows if status == "ok" and i % 10 != 4}
+    return path, kept
+
+
+def test_vectors_read_from_the_files_of_a_delta_table_with_deletion_vectors(spark, located_table, tmp_path):
+    """The tasks read each row's vectors from its file, found by its key: every ok row left after the deletes is
+    indexed under its own id (a row read from the wrong place would not find itself first), in shards of 40 at
+    most; the training sample comes from the files too."""
+    from laion_spark.index import locate_vectors, located_columns
+
+    path, kept = located_table
+    scan = spark.read.format("delta").load(path)
+    files = locate_vectors(scan, key="id", mode="files")
+    assert files is not None
+    rows = scan.where("status = 'ok'").select("id", *located_columns("id"))
+    settings = IndexConfig(flat_max_rows=20, train_sample=60, vectors_per_shard=40, nprobe=1)
+    report = build_index(spark, rows, str(tmp_path / "index"), settings, files=files)
+    directory = OutputDir(str(tmp_path / "index"))
+    manifest = report.manifest
+    assert manifest.index_type == IVF_HNSW_FLAT and manifest.params["sample_rows"] == 60
+    assert set(ids_in_index(directory, manifest)) == set(kept)
+    assert all(0 < shard.count <= 40 for shard in manifest.shards)
+    assert len(manifest.shards) >= math.ceil(len(kept) / 40)
+    for shard in manifest.shards:
+        ids = pq.read_table(directory.path(shard.metadata_path)).column("id").to_numpy()
+        for modality, sign in (("image", 1), ("text", -1)):
+            index = read_index(directory, shard.path(modality))
+            faiss.extract_index_ivf(index).nprobe = manifest.params["nlist"]
+            queries = np.stack([sign * kept[int(key)] for key in ids])
+            similarity, found = index.search(queries, 1)
+            assert list(found[:, 0]) == list(ids), modality
+            assert np.allclose(similarity[:, 0], 1.0, atol=1e-5)
+
+
+def test_vectors_are_read_by_spark_where_the_files_cannot_serve(spark, located_table, tmp_path):
+    from laion_spark.index import locate_vectors
+
+    path, _ = located_table
+    scan = spark.read.format("delta").load(path)
+    assert locate_vectors(scan, key="id", mode="spark") is None
+    assert locate_vectors(scan, {"image": "image_embedding", "text": "caption_embedding"}, key="id") is None
+    assert locate_vectors(scan, key="uid") is None  # the files have no such column
+    in_memory = spark.createDataFrame([(1, [0.5, 0.5])], "id long, image_embedding array<float>")
+    assert locate_vectors(in_memory) is None
+    with pytest.raises(ConfigError, match="read_vectors=files"):
+        locate_vectors(in_memory, mode="files")
+    with pytest.raises(ConfigError, match="read_vectors"):
+        run_index(spark, _config_with(read_vectors="sometimes"), str(tmp_path))
+
+
+def _config_with(**index_settings):
+    from laion_spark.config import Config
+
+    config = Config()
+    for key, value in index_settings.items():
+        setattr(config.index, key, value)
+    return config

@@ -7,9 +7,10 @@ under its sample id (laion_spark.storage.ids). A full build:
 2. for IVF types, draws a bounded random sample (``index.train_sample`` rows: the only embeddings the driver ever
    holds), trains the empty index on the driver and calibrates nprobe on a held-out part of the sample;
 3. ships the trained empty index (serialised bytes) to the tasks inside the mapInArrow closure; the rows, in
-   their input partitions coalesced into ceil(rows / ``index.vectors_per_shard``) groups (no shuffle of the
-   vectors), are added by one task per group, which writes image/, text/ and metadata/ files for each shard of
-   ``index.vectors_per_shard`` vectors at most and returns one row per shard (name, count);
+   ceil(rows / ``index.vectors_per_shard``) groups (runs of the embeddings' files whose vectors the tasks read
+   with pyarrow, laion_spark.index.located; or, with ``index.read_vectors`` spark, the input partitions coalesced:
+   no shuffle of the vectors either way), are added by one task per group, which writes image/, text/ and
+   metadata/ files for each shard of ``index.vectors_per_shard`` vectors at most and returns one row per shard;
 4. writes manifest.json last, then deletes the files no manifest names.
 
 A later run is incremental. It compares the ids in the index (its metadata files, read by Spark, one column) with
@@ -47,18 +48,23 @@ from laion_spark.index.layout import (
     read_manifest,
     write_manifest,
 )
+from laion_spark.index.located import by_file, locate_vectors, located_columns
 from laion_spark.index.shards import (
     BUILT_SCHEMA,
     REWRITTEN_SCHEMA,
     SAMPLED_SCHEMA,
     VECTOR_COLUMNS,
+    VECTOR_FILE,
+    VECTOR_KEY,
     SampleWriter,
     ShardBuilder,
+    VectorFiles,
     read_arrow,
     rewrite_shard,
     sample_part_path,
     shard_name,
     vectors_from_arrow,
+    with_vectors,
 )
 from laion_spark.index.train import query_ef_search, set_search_params, train_index
 from laion_spark.run.progress import stage_progress
@@ -77,6 +83,9 @@ OK = "ok"
 REBUILD_GROWTH = 10
 SAMPLE_SEED = 17
 SAMPLE_PREFIX = "_sample-"  # the staged training sample's directory in the index directory, during a build
+# Tasks that stage the training sample from located vectors (VectorFiles): about this many rows each.
+SAMPLE_ROWS_PER_TASK = 50_000
+READ_VECTORS = ("auto", "files", "spark")
 
 
 @dataclass
@@ -96,6 +105,7 @@ class IndexResult:
     rebuild_advice: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     run_id: str = ""
+    vectors_read_by: str = ""  # "files" (pyarrow in the tasks, index.read_vectors) or "spark"; "" without work
 
     @property
     def count(self) -> int:
@@ -132,7 +142,10 @@ class IndexResult:
         if self.deleted_files:
             lines.append(f"  {self.deleted_files} unreferenced file(s) deleted")
         if self.seconds:
-            lines.append("  " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.seconds.items()))
+            timings = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.seconds.items())
+            if self.vectors_read_by:
+                timings += f" (vectors read by {self.vectors_read_by})"
+            lines.append("  " + timings)
         if self.rebuild_advice:
             lines.append(f"  advice: {self.rebuild_advice}")
         return "\n".join(lines)
@@ -183,12 +196,23 @@ def run_index(
     # No embedded row left (every pair deleted): nothing to add, and the index keeps its model.
     model_name = _one_model(census["models"], lake) or (previous.model.name if previous is not None else "")
     model = model_ref(model_name, config.clip)
-    rows = indexable_rows(dataset, embeddings)
+    files = locate_vectors(embeddings, mode=settings.read_vectors)
+    rows = indexable_rows(dataset, embeddings, located=files is not None)
     if previous is None and census["embedded_rows"] == 0:
         raise ConfigError(f"lake {lake}: no dataset row has an ok embedding, nothing to index (run score first)")
     with stage_progress(config, STAGE, census["embedded_rows"], "vectors", run_id) as progress:
         result = _build_or_update(
-            spark, settings, directory, previous, rows, census, model, dataset_version, embeddings_version, run_id
+            spark,
+            settings,
+            directory,
+            previous,
+            rows,
+            census,
+            model,
+            dataset_version,
+            embeddings_version,
+            run_id,
+            files,
         )
         progress.advance(census["embedded_rows"])
     if previous is None:
@@ -196,6 +220,7 @@ def run_index(
     else:
         counter.add("removed", previous.count, previous.count - result.removed)
         counter.add("added", result.added + result.duplicate_ids, result.added)
+    result.vectors_read_by = "files" if files is not None else "spark"
     result.deleted_files = delete_unreferenced(directory, result.manifest)
     result.rebuild_advice = rebuild_advice(result.manifest, settings)
     result.run_id = run_id
@@ -216,6 +241,7 @@ def _build_or_update(
     dataset_version: int,
     embeddings_version: int,
     run_id: str,
+    files: VectorFiles | None,
 ) -> IndexResult:
     if previous is None:
         report = build_index(
@@ -227,6 +253,7 @@ def _build_or_update(
             dataset_version=dataset_version,
             embeddings_version=embeddings_version,
             prefix=run_id,
+            files=files,
         )
         manifest = report.manifest
         result = IndexResult(
@@ -239,7 +266,9 @@ def _build_or_update(
             seconds=report.seconds,
         )
     else:
-        result = _update(spark, rows, directory, settings, previous, model, dataset_version, embeddings_version, run_id)
+        result = _update(
+            spark, rows, directory, settings, previous, model, dataset_version, embeddings_version, run_id, files
+        )
     return result
 
 
@@ -252,11 +281,12 @@ def build_index(
     dataset_version: int = -1,
     embeddings_version: int = -1,
     prefix: str | None = None,
+    files: VectorFiles | None = None,
 ) -> BuildReport:
     """A full build from ``vectors``: a DataFrame with ``id`` (long), ``image_embedding`` and ``text_embedding``
-    (array<float>, L2-normalised) and any of the metadata columns (layout.METADATA_COLUMNS; missing ones are null).
-    Writes the index into ``directory`` (manifest last) and returns it. run_index's machinery, callable without a
-    lake (bench/index.py)."""
+    (array<float>, L2-normalised) or, with ``files``, the columns that locate them (:func:`locate_vectors`), and any
+    of the metadata columns (layout.METADATA_COLUMNS; missing ones are null). Writes the index into ``directory``
+    (manifest last) and returns it. run_index's machinery, callable without a lake (bench/index.py)."""
     validate_settings(settings)
     directory = OutputDir(directory) if isinstance(directory, str) else directory
     prefix = prefix or new_run_id()
@@ -269,10 +299,12 @@ def build_index(
     try:
         clock = time.perf_counter()
         if n > settings.flat_max_rows:  # an IVF type, trained on a sample (which also gives the dimension)
-            sample = draw_sample(vectors, min(n, settings.train_sample), n, directory, f"{SAMPLE_PREFIX}{prefix}")
+            sample = draw_sample(
+                vectors, min(n, settings.train_sample), n, directory, f"{SAMPLE_PREFIX}{prefix}", files
+            )
             d = sample.dimension()
         else:
-            d = _dimension(vectors)
+            d = _dimension(vectors, files)
         seconds["sample"] = time.perf_counter() - clock
         clock = time.perf_counter()
         choice = choose_index(n, d, settings.max_memory_gb, settings.flat_max_rows, settings.train_sample)
@@ -285,7 +317,7 @@ def build_index(
         directory.publish_bytes(TRAINED_PATH.format(modality=modality), trained[modality])
     seconds["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    built, duplicates = add_shards(vectors, trained, directory, d, prefix, 0, census, settings.vectors_per_shard)
+    built, duplicates = add_shards(vectors, trained, directory, d, prefix, 0, census, settings.vectors_per_shard, files)
     seconds["add"] = time.perf_counter() - clock
     now = _now()
     manifest = Manifest(
@@ -376,7 +408,7 @@ class StagedSample:
             table = read_arrow(self.directory, sample_part_path(self.name, modality, part))
             chunks.extend(table.column(VECTOR_COLUMNS[modality]).slice(0, min(rows, wanted)).chunks)
             wanted -= rows
-        return pa.chunked_array(chunks, type=pa.list_(pa.float32()))
+        return pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.list_(pa.float32()))
 
     def dimension(self) -> int:
         if not self.parts:
@@ -391,16 +423,21 @@ class StagedSample:
         return image
 
 
-def draw_sample(vectors: DataFrame, rows: int, n: int, directory: OutputDir, name: str) -> StagedSample:
+def draw_sample(
+    vectors: DataFrame, rows: int, n: int, directory: OutputDir, name: str, files: VectorFiles | None = None
+) -> StagedSample:
     """A random sample of both embeddings, staged by the tasks in ``directory``/``name``, of which the driver reads
     ``rows`` rows at most."""
     # A little over (four standard deviations of the binomial count), so that the limit rather than chance sets
     # the size. The limit is the driver's read: a DataFrame limit would funnel the sample through one task.
     fraction = min(1.0, (rows + 4 * math.sqrt(rows) + 10) / max(n, 1))
-    sample = vectors.select(*VECTOR_COLUMNS.values())
+    sample = vectors.select(*((VECTOR_FILE, VECTOR_KEY) if files else VECTOR_COLUMNS.values()))
     if fraction < 1.0:
         sample = sample.sample(withReplacement=False, fraction=fraction, seed=SAMPLE_SEED)
-    parts = sample.mapInArrow(SampleWriter(directory, name), SAMPLED_SCHEMA).collect()  # one small row per task
+    if files is not None:
+        sample, _ = by_file(sample, SAMPLE_ROWS_PER_TASK)
+    writer = SampleWriter(directory, name, files)
+    parts = sample.mapInArrow(writer, SAMPLED_SCHEMA).collect()  # one small row per task
     return StagedSample(directory, name, sorted((row["part"], int(row["rows"])) for row in parts), rows)
 
 
@@ -432,6 +469,7 @@ def add_shards(
     first_number: int,
     census: IdCensus,
     vectors_per_shard: int,
+    files: VectorFiles | None = None,
 ) -> tuple[list[Shard], int]:
     """Add ``vectors`` (``census``: :func:`id_census` of them) to new shards of ``vectors_per_shard`` vectors at
     most; returns (shards, rows left out for their duplicate id)."""
@@ -439,14 +477,18 @@ def add_shards(
         return [], 0
     shards = max(1, math.ceil(census.rows / vectors_per_shard))
     metadata = [name for name in _metadata_names() if name in vectors.columns]
-    rows = vectors.select(*metadata, *VECTOR_COLUMNS.values())
+    rows = vectors.select(*metadata, *((VECTOR_FILE, VECTOR_KEY) if files else VECTOR_COLUMNS.values()))
+
+    def grouped(frame: DataFrame) -> tuple[DataFrame, int]:
+        return by_file(frame, vectors_per_shard) if files else (frame.coalesce(shards), shards)
+
     # The input partitions, coalesced (narrow: no shuffle) into one group per shard. Nothing locates a shard by
     # its ids later (removal reads the metadata files for each id's shard), so any split of the rows serves, and
     # hash-partitioning by id cost a shuffle of every vector: 4 GB of array<float> for 1M rows of two 512-float
     # embeddings, a third of the build (bench/index.py). A group of more rows than a shard holds (fewer input
-    # partitions than shards) is cut into several shards by its task.
-    parts = rows.coalesce(shards)
-    partitions = shards
+    # partitions than shards) is cut into several shards by its task. Located vectors are grouped by file instead
+    # (by_file), which moves only the small columns.
+    parts, partitions = grouped(rows)
     if census.duplicates:
         # Ids that two rows share (true collisions of 63-bit sample ids: rare) must meet in one task, which keeps
         # one row of each. Only their rows go through a shuffle, by id, into partitions of their own after the
@@ -454,9 +496,10 @@ def add_shards(
         shared_ids = F.broadcast(vectors.groupBy("id").count().where(F.col("count") > 1).select("id"))
         shared_partitions = max(1, math.ceil(2 * census.duplicates / vectors_per_shard))
         shared = rows.join(shared_ids, "id", "left_semi").repartition(shared_partitions, "id")
-        parts = rows.join(shared_ids, "id", "left_anti").coalesce(shards).unionByName(shared)
+        parts, partitions = grouped(rows.join(shared_ids, "id", "left_anti"))
+        parts = parts.unionByName(shared)
         partitions += shared_partitions
-    builder = ShardBuilder(directory, trained, d, prefix, first_number, vectors_per_shard, partitions)
+    builder = ShardBuilder(directory, trained, d, prefix, first_number, vectors_per_shard, partitions, files)
     built = parts.mapInArrow(builder, BUILT_SCHEMA).collect()  # one small row per shard
     duplicates = sum(int(row["duplicates"]) for row in built)
     built = sorted((row for row in built if row["shard"]), key=lambda row: row["number"])
@@ -473,6 +516,7 @@ def _update(
     dataset_version: int,
     embeddings_version: int,
     prefix: str,
+    files: VectorFiles | None = None,
 ) -> IndexResult:
     if model.name != previous.model.name:
         raise ConfigError(
@@ -500,14 +544,22 @@ def _update(
     duplicates = 0
     if to_add_census.rows:
         clock = time.perf_counter()
-        if (d := _dimension(to_add)) != previous.dim:
+        if (d := _dimension(to_add, files)) != previous.dim:
             raise ConfigError(
                 f"the index in {directory.uri} holds vectors of dimension {previous.dim}, new embeddings have {d}: "
                 "run `laion-spark index --rebuild`"
             )
         trained = {m: _read_trained(directory, m) for m in MODALITIES}
         added_shards, duplicates = add_shards(
-            to_add, trained, directory, previous.dim, prefix, len(removals), to_add_census, settings.vectors_per_shard
+            to_add,
+            trained,
+            directory,
+            previous.dim,
+            prefix,
+            len(removals),
+            to_add_census,
+            settings.vectors_per_shard,
+            files,
         )
         seconds["add"] = time.perf_counter() - clock
 
@@ -602,9 +654,11 @@ def remove_from_index(
     )
 
 
-def indexable_rows(dataset: DataFrame, embeddings: DataFrame) -> DataFrame:
-    """The rows to index: dataset's pairs (metadata columns of the layout) with their ok embeddings and sample id."""
-    ok = embeddings.where(F.col("status") == OK).select("uid", *VECTOR_COLUMNS.values())
+def indexable_rows(dataset: DataFrame, embeddings: DataFrame, located: bool = False) -> DataFrame:
+    """The rows to index: dataset's pairs (metadata columns of the layout) with their ok embeddings and sample id;
+    with ``located``, where the embeddings lie (VECTOR_FILE, VECTOR_KEY: the embeddings' uid) instead of the vectors."""
+    vectors = located_columns("uid") if located else list(VECTOR_COLUMNS.values())
+    ok = embeddings.where(F.col("status") == OK).select("uid", *vectors)
     pairs = dataset.select(
         "uid",
         "url",
@@ -712,6 +766,8 @@ def validate_settings(settings: IndexConfig) -> None:
         raise ConfigError(f"index.nprobe must be 0 (calibrated) or a list count, got {settings.nprobe}")
     if not 0.0 < settings.target_recall <= 1.0:
         raise ConfigError(f"index.target_recall is a recall between 0 and 1, got {settings.target_recall}")
+    if settings.read_vectors not in READ_VECTORS:
+        raise ConfigError(f"index.read_vectors is one of {', '.join(READ_VECTORS)}, got {settings.read_vectors!r}")
 
 
 def _census(dataset: DataFrame, embeddings: DataFrame) -> dict[str, Any]:
@@ -743,12 +799,22 @@ def _one_model(models: list[str], lake: str) -> str:
     return models[0] if models else ""
 
 
-def _dimension(vectors: DataFrame) -> int:
+def _dimension(vectors: DataFrame, files: VectorFiles | None = None) -> int:
     """The embeddings' dimension, from one row (every task checks each row's against it)."""
-    row = vectors.select(*(F.size(column).alias(m) for m, column in VECTOR_COLUMNS.items())).limit(1).first()
-    if row is None:
-        raise ConfigError("nothing to index: no row with embeddings")
-    image, text = int(row["image"]), int(row["text"])
+    if files is None:
+        row = vectors.select(*(F.size(column).alias(m) for m, column in VECTOR_COLUMNS.items())).limit(1).first()
+        if row is None:
+            raise ConfigError("nothing to index: no row with embeddings")
+        image, text = int(row["image"]), int(row["text"])
+    else:
+        import pyarrow as pa
+
+        row = vectors.select(VECTOR_FILE, VECTOR_KEY).limit(1).first()
+        if row is None:
+            raise ConfigError("nothing to index: no row with embeddings")
+        located = pa.RecordBatch.from_pydict({VECTOR_FILE: [row[0]], VECTOR_KEY: [row[1]]})
+        batch = next(with_vectors(iter([located]), files))
+        image, text = (len(batch.column(column)[0]) for column in (VECTOR_COLUMNS["image"], VECTOR_COLUMNS["text"]))
     if image != text or image < 1:
         raise ValueError(f"image embeddings have dimension {image} and text embeddings {text}: they must match")
     return image

@@ -20,6 +20,10 @@ from laion_spark.storage.outputs import OutputDir
 
 # The embeddings' columns, by modality, in the rows the tasks receive.
 VECTOR_COLUMNS = {"image": "image_embedding", "text": "text_embedding"}
+# Or, instead of the vectors, where they lie (VectorFiles): the parquet file (Spark's _metadata.file_path) and the
+# row's key there.
+VECTOR_FILE = "_vector_file"
+VECTOR_KEY = "_vector_key"
 # One row back to the driver per shard built: all it needs to write the manifest.
 BUILT_SCHEMA = "number int, shard string, count long, duplicates long"
 # One row back per shard rewritten without some ids; new is "" when no vector was left.
@@ -33,19 +37,210 @@ def metadata_schema() -> pa.Schema:
 
 
 def vectors_from_arrow(column: pa.Array | pa.ChunkedArray, d: int, what: str = "embedding") -> np.ndarray:
-    """A list<float> column as an (n, d) float32 matrix, through the list's flat values buffer (no Python object
-    per row)."""
+    """A list<float> (or fixed_size_list) column as an (n, d) float32 matrix, through the list's flat values buffer
+    (no Python object per row)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if column.null_count:
         raise ValueError(f"{column.null_count} row(s) have no {what}")
-    lengths = np.diff(np.asarray(column.offsets))
-    if len(lengths) and (lengths.min() != d or lengths.max() != d):
-        raise ValueError(f"{what} of dimension {int(lengths.min())}..{int(lengths.max())} where {d} was expected")
+    if pa.types.is_fixed_size_list(column.type):
+        if len(column) and column.type.list_size != d:
+            raise ValueError(f"{what} of dimension {column.type.list_size} where {d} was expected")
+    else:
+        lengths = np.diff(np.asarray(column.offsets))
+        if len(lengths) and (lengths.min() != d or lengths.max() != d):
+            raise ValueError(f"{what} of dimension {int(lengths.min())}..{int(lengths.max())} where {d} was expected")
     values = column.flatten()  # honours the slice's offset, unlike .values
     if values.type != pa.float32():
         values = values.cast(pa.float32())
     return np.ascontiguousarray(values.to_numpy(zero_copy_only=False).reshape(len(column), d))
+
+
+@dataclass(frozen=True)
+class VectorFiles:
+    """Rows that locate their embeddings instead of carrying them: the parquet file (VECTOR_FILE) and the row's
+    value of the files' ``key`` column (VECTOR_KEY), whose ``columns`` (modality -> the files' column; both may name
+    one) the tasks read with pyarrow. Spark hands ``array<float>`` to a Python worker element by element: 13-17 s of
+    a 2-core machine for 1M rows of two 512-float embeddings, where pyarrow decodes the same row groups in 2-3 s
+    (bench/index.py). A key, not ``_metadata.row_index``: Delta exposes row numbers only on tables with deletion
+    vectors."""
+
+    columns: dict[str, str]
+    key: str
+
+    def physical_columns(self) -> list[str]:
+        return sorted(set(self.columns.values()))
+
+
+# Rows handed on at a time, once their vectors are read.
+LOCATED_BATCH_ROWS = 8192
+
+
+def with_vectors(batches: Iterator[pa.RecordBatch], files: VectorFiles | None) -> Iterator[pa.RecordBatch]:
+    """``batches`` with the VECTOR_COLUMNS filled in: as they are when ``files`` is None. Else the task's rows (their
+    small columns: all of them are held) are read file by file, in each file's row order, so that each row group
+    is decoded once whatever order the rows came in; they come out in that order, with VECTOR_FILE and VECTOR_KEY
+    dropped."""
+    if files is None:
+        yield from batches
+        return
+    received = [batch for batch in batches if batch.num_rows]
+    if not received:
+        return
+    table = pa.Table.from_batches(received)
+    kept = [name for name in table.schema.names if name not in (VECTOR_FILE, VECTOR_KEY, *VECTOR_COLUMNS.values())]
+    paths = table.column(VECTOR_FILE).combine_chunks().dictionary_encode()
+    codes = paths.indices.to_numpy(zero_copy_only=False)
+    keys = table.column(VECTOR_KEY).combine_chunks()
+    reader = _RowGroupReader(files)
+    try:
+        for code in np.unique(codes):
+            rows = np.flatnonzero(codes == code)
+            path = paths.dictionary[int(code)].as_py()
+            positions = reader.positions(path, keys.take(pa.array(rows)))
+            order = np.argsort(positions, kind="stable")
+            rows, positions = rows[order], positions[order]
+            for start in range(0, len(rows), LOCATED_BATCH_ROWS):
+                chosen = rows[start : start + LOCATED_BATCH_ROWS]
+                vectors = reader.take(path, positions[start : start + LOCATED_BATCH_ROWS])
+                arrays = [table.column(name).take(pa.array(chosen)).combine_chunks() for name in kept]
+                arrays += [vectors[modality] for modality in MODALITIES]
+                yield pa.RecordBatch.from_arrays(arrays, names=[*kept, *(VECTOR_COLUMNS[m] for m in MODALITIES)])
+    finally:
+        reader.close()
+
+
+class _RowGroupReader:
+    """One task's reader of located vectors: the open file, its key column, and its last decoded row group."""
+
+    def __init__(self, files: VectorFiles) -> None:
+        self.files = files
+        self.path: str | None = None
+        self.handle = None
+        self.file = None
+        self.keys: pa.Array | None = None
+        self.starts = np.zeros(1, dtype=np.int64)  # first row of each row group, then the file's row count
+        self.group = -1
+        self.table: pa.Table | None = None
+        # The row group's columns as (rows, d) float32 matrices, where every row has a vector of one length: a row
+        # is then picked by numpy indexing, not list by list.
+        self.matrices: dict[str, np.ndarray] = {}
+
+    def positions(self, path: str, keys: pa.Array) -> np.ndarray:
+        """The rows of file ``path`` that hold ``keys`` (the file's key column is read once per file)."""
+        import pyarrow.compute as pc
+
+        self._open(path)
+        if keys.type != self.keys.type:
+            keys = keys.cast(self.keys.type)
+        found = pc.index_in(keys, value_set=self.keys)
+        if found.null_count:
+            missing = keys.filter(found.is_null())[0].as_py()
+            raise ValueError(
+                f"{path} has no row whose {self.files.key} is {missing!r} ({found.null_count} such): the file changed "
+                "after the rows were planned"
+            )
+        return found.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def take(self, path: str, rows: np.ndarray) -> dict[str, pa.Array]:
+        """The vectors of ``rows`` (row numbers in the file, ascending for speed) of file ``path``, by modality, as
+        fixed_size_list<float> arrays."""
+        self._open(path)
+        groups = np.searchsorted(self.starts, rows, side="right") - 1
+        bounds = [0, *(np.flatnonzero(groups[1:] != groups[:-1]) + 1).tolist(), len(rows)]
+        taken: dict[str, list[pa.Array]] = {modality: [] for modality in MODALITIES}
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            group = int(groups[start])
+            table = self._row_group(group)
+            local = rows[start:end] - self.starts[group]
+            by_column = {name: self._take(table, name, local) for name in self.files.physical_columns()}
+            for modality, column in self.files.columns.items():
+                taken[modality].append(by_column[column])
+        return {modality: _concat_lists(arrays) for modality, arrays in taken.items()}
+
+    def _open(self, path: str) -> None:
+        if path == self.path:
+            return
+        import pyarrow.parquet as pq
+
+        self.close()
+        filesystem, inner = resolve_file_uri(path)
+        self.handle = filesystem.open_input_file(inner)
+        self.file = pq.ParquetFile(self.handle)
+        wanted = [*self.files.physical_columns(), self.files.key]
+        missing = [c for c in wanted if c not in self.file.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{path} has no column {', '.join(missing)}: it is not a file of the embeddings")
+        metadata = self.file.metadata
+        sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        self.keys = self.file.read(columns=[self.files.key], use_threads=False).column(0).combine_chunks()
+        self.path = path
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        self.path, self.handle, self.file, self.keys = None, None, None, None
+        self.group, self.table, self.matrices = -1, None, {}
+
+    def _row_group(self, group: int) -> pa.Table:
+        if group != self.group:
+            self.table, self.matrices = None, {}  # the previous one is let go before the next is decoded
+            self.table = self.file.read_row_group(group, columns=self.files.physical_columns(), use_threads=False)
+            self.group = group
+            for name in self.files.physical_columns():
+                column = self.table.column(name).combine_chunks()
+                if column.null_count == 0 and _uniform_length(column):
+                    self.matrices[name] = _matrix(column)
+        return self.table
+
+    def _take(self, table: pa.Table, name: str, local: np.ndarray) -> pa.Array:
+        matrix = self.matrices.get(name)
+        if matrix is not None:
+            chosen = matrix[local]
+        else:  # the row group has rows without a vector, or vectors of several lengths: the asked rows must not
+            lists = table.column(name).take(pa.array(local)).combine_chunks()
+            if lists.null_count:
+                raise ValueError(f"{lists.null_count} row(s) of {self.path} have no {name}")
+            if not _uniform_length(lists):
+                raise ValueError(f"rows of {self.path} have {name} vectors of different lengths")
+            chosen = _matrix(lists)
+        return pa.FixedSizeListArray.from_arrays(pa.array(chosen.reshape(-1)), chosen.shape[1])
+
+
+def _uniform_length(lists: pa.Array) -> bool:
+    lengths = np.diff(np.asarray(lists.offsets))
+    return len(lengths) == 0 or lengths.min() == lengths.max()
+
+
+def _matrix(lists: pa.Array) -> np.ndarray:
+    """A list array without nulls, all of one length, as a (rows, length) float32 matrix."""
+    width = int(np.asarray(lists.offsets)[1] - np.asarray(lists.offsets)[0]) if len(lists) else 0
+    values = lists.flatten()
+    if values.type != pa.float32():
+        values = values.cast(pa.float32())
+    return values.to_numpy(zero_copy_only=False).reshape(len(lists), width)
+
+
+def _concat_lists(arrays: list[pa.Array]) -> pa.Array:
+    if len(arrays) == 1:
+        return arrays[0]
+    return pa.concat_arrays(arrays)
+
+
+def resolve_file_uri(uri: str) -> tuple[object, str]:
+    """(pyarrow filesystem, path) of a file as Spark names it in ``_metadata.file_path``: a URI, percent-encoded,
+    ``file:/x`` for a local file."""
+    from urllib.parse import unquote
+
+    from laion_spark.storage.outputs import resolve
+
+    if uri.startswith("file:"):
+        path = uri[len("file:") :]
+        if path.startswith("//"):  # file:///x, or file://host/x with an empty or local host
+            path = "/" + path[2:].partition("/")[2]
+        return resolve(unquote(path))
+    return resolve(uri)
 
 
 def limit_threads() -> int:
@@ -134,11 +329,13 @@ class ShardBuilder:
     first_number: int
     max_rows: int
     partitions: int  # of the DataFrame the builder maps: the stride between one partition's shard numbers
+    files: VectorFiles | None = None  # where the rows' vectors lie, when they do not carry them
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         limit_threads()
+        batches = with_vectors(batches, self.files)
         context = TaskContext.get()
         partition = context.partitionId() if context is not None else 0
         piece: _ShardPiece | None = None
@@ -221,11 +418,14 @@ class SampleWriter:
 
     directory: OutputDir
     name: str
+    files: VectorFiles | None = None  # where the rows' vectors lie, when they do not carry them
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
-        kept = [batch for batch in batches if batch.num_rows]  # a sampled fraction of one input partition
+        kept = [
+            batch for batch in with_vectors(batches, self.files) if batch.num_rows
+        ]  # a sampled fraction of one input partition
         if not kept:
             return
         context = TaskContext.get()
