@@ -102,6 +102,8 @@ def test_whole_pipeline_through_spark_connect_matches_the_classic_run(spark, tmp
                     env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                 )  # fmt: skip
                 assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-4000:])
+            # The index tasks read the embeddings' files themselves over Connect too (index.read_vectors auto).
+            assert "vectors read by files" in result.stdout, result.stdout[-2000:]
             # Curation over Connect: the dataset re-cut through pHash near-dup and SemDeDup (k-means sample,
             # cluster assignment and the within-cluster comparison all in tasks), and one pair's story.
             result = subprocess.run(

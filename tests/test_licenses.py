@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -63,6 +64,24 @@ from laion_spark.testing.archives import WatPage, html_page, wat_json, write_arc
 )
 def test_licence_urls_normalise_to_the_short_form(url, short):
     assert normalize_cc_license(url) == short
+
+
+@pytest.mark.parametrize(
+    ("page", "may_link"),
+    [
+        (b'<a rel="license" href="https://creativecommons.org/licenses/by/4.0/">', True),
+        (b'<a href="http://CreativeCommons.org/licenses/by-nc/2.5/">', True),
+        (b'<A HREF="HTTP://CREATIVECOMMONS.ORG/LICENSES/BY-SA/2.0/">', True),  # a 2000s page in capitals
+        (b'<a href="https://example.org/licence">all rights reserved</a>', False),
+    ],
+)
+def test_the_byte_pre_check_finds_creativecommons_links_in_the_spellings_pages_use(page, may_link):
+    from laion_spark.extract.licenses import may_link_cc_license
+
+    assert may_link_cc_license(page) is may_link
+    if may_link:  # what the pre-check lets through normalises
+        url = re.search(rb'href="([^"]+)"', page, re.IGNORECASE).group(1).decode()
+        assert normalize_cc_license(url) is not None
 
 
 def test_rel_holds_license_among_other_tokens_in_any_case():

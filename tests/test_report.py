@@ -186,7 +186,7 @@ def test_report_in_headless_browser_renders_every_section_and_image_runs_no_scri
     for cut in (0.26, 0.28, 0.30):
         assert metrics[f"cut:{cut:.2f}"] == scored.where(F.col("similarity") >= cut).count()
     # The demo cuts at clip.threshold 0.5: the configured cut keeps exactly dataset's rows.
-    assert metrics["cut:clip.threshold 0.5 (configured)"] == dataset.count()
+    assert metrics["cut:clip.threshold 0.5 (the lake's last cut)"] == dataset.count()
     # stage_stats: a handful of rows per run; the demo lake has one run.
     for row in read_table(spark, lake, STAGE_STATS).where(~F.col("step").startswith("status:")).collect():
         assert metrics[f"funnel:{row.stage}.{row.step}:in"] == row.rows_in
@@ -220,6 +220,31 @@ def test_show_nsfw_unblurs_tagged_thumbnails_and_captions_are_escaped():
 
 def test_bad_image_bytes_make_no_thumbnail_instead_of_failing():
     assert thumbnail_data_uri(b"not an image") is None and thumbnail_data_uri(None) is None
+
+
+def test_the_cut_shown_is_the_lakes_last_even_when_the_report_is_given_another_config(spark, demo_lake, tmp_path):
+    """A lake re-cut with `laion-spark dataset` at another threshold: the report, given the demo's config (0.5),
+    marks the threshold the dataset table was cut at (recorded in runs), and that cut keeps dataset's rows."""
+    import copy
+
+    from laion_spark.report.data import CONFIGURED, LAKE_CUT, lake_cut_config, report_data
+    from laion_spark.score import rebuild_dataset
+
+    lake = str(tmp_path / "lake")
+    shutil.copytree(demo_lake.lake, lake)
+    recut = copy.deepcopy(demo_lake.config)
+    recut.clip.threshold = 0.55
+    rebuild_dataset(spark, recut, lake)
+    recorded, source = lake_cut_config(spark, lake, demo_lake.config)
+    assert source == LAKE_CUT and recorded.clip.threshold == 0.55 and demo_lake.config.clip.threshold == 0.5
+    data = report_data(spark, demo_lake.config, lake)
+    assert data.cut.label == f"clip.threshold 0.55 ({LAKE_CUT})"
+    assert (
+        data.cut.kept == read_table(spark, lake, DATASET).count() < read_table(spark, demo_lake.lake, DATASET).count()
+    )
+    # A lake without runs (written before the runs table): the config given is the cut shown.
+    shutil.rmtree(Path(lake) / "runs")
+    assert lake_cut_config(spark, lake, demo_lake.config) == (demo_lake.config, CONFIGURED)
 
 
 def test_notebook_helpers_draw_the_histogram_and_a_grid(spark, demo_lake):

@@ -20,10 +20,12 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-# Enough of the host to find a page that may link to a licence, before parsing it: one byte search, which every
-# capitalisation seen in practice (creativecommons.org, CreativeCommons.org) passes. A case-insensitive regex over
-# the page cost a third of the HTML parse; this costs about 2 % of it (a 70 KB page).
+# Enough of the host to find a page that may link to a licence, before parsing it: a byte search, which the
+# capitalisations seen in practice (creativecommons.org, CreativeCommons.org) pass, and a second one for the
+# all-capitals spelling of old pages. A case-insensitive regex over the page cost a third of the HTML parse; these
+# cost about 2 % of it (a 70 KB page).
 CC_HOST_MARKER = b"ommons.org"
+CC_HOST_MARKER_CAPITALS = b"OMMONS.ORG"
 
 _CC_HOSTS = frozenset({"creativecommons.org", "www.creativecommons.org"})
 # Licence elements as CC's URLs spell them (by-nc-sa, by-nd-nc of the 1.0 licences, sa alone), and the retired
@@ -35,7 +37,7 @@ _PUBLIC_DOMAIN_TOOLS = {"zero": "cc0", "mark": "pdm"}
 
 def may_link_cc_license(data: bytes) -> bool:
     """False when ``data`` (a page, a WAT record) names no creativecommons.org URL, so has no CC licence link."""
-    return CC_HOST_MARKER in data
+    return CC_HOST_MARKER in data or CC_HOST_MARKER_CAPITALS in data
 
 
 def normalize_cc_license(url: str | None) -> str | None:

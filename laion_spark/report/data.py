@@ -8,8 +8,10 @@ rows). Image bytes are read only for those sampled uids, and made into small thu
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
 import io
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -19,7 +21,7 @@ from pyspark.sql import functions as F
 from laion_spark.config import Config
 from laion_spark.curate.chain import THRESHOLD, TOP_K_PERCENT, effective_filters, top_k_cut
 from laion_spark.report.funnel import TABLES_IN_FLOW, funnel_rows
-from laion_spark.schemas import DATASET, EMBEDDINGS, IMAGES, PAIRS, REJECTIONS
+from laion_spark.schemas import DATASET, EMBEDDINGS, IMAGES, PAIRS, REJECTIONS, RUNS
 from laion_spark.score.nsfw import DETECTOR_NSFW_CUT, NSFW, UNSURE
 from laion_spark.score.scoring import OK
 from laion_spark.storage import read_table, table_exists
@@ -145,10 +147,11 @@ def report_data(spark: SparkSession, config: Config, lake: str) -> ReportData:
     if REJECTIONS in tables:
         data.rejection_reasons = _rejection_reasons(tables[REJECTIONS])
         data.curation = _curation(tables[REJECTIONS])
+    config, source = lake_cut_config(spark, lake, config)
     data.filters = effective_filters(config)
     pool = _pool(tables)
     if pool is not None:
-        _similarity(data, pool, config)
+        _similarity(data, pool, config, source)
     if "candidates" in tables:
         data.languages = _languages(tables["candidates"], tables.get(DATASET))
     if IMAGES in tables:
@@ -188,25 +191,61 @@ def _curation(rejections: DataFrame) -> list[tuple[str, str, int]]:
     return sorted((r.step, r.eval_set, int(r["count"])) for r in rows)
 
 
-def configured_cut(pool: DataFrame, config: Config) -> tuple[str, float | None] | None:
+# Where the configured cut comes from, in its label: the config given, or the lake's own last cut (runs).
+CONFIGURED = "configured"
+LAKE_CUT = "the lake's last cut"
+CUT_STAGES = ("score", "dataset")  # the runs whose config cut dataset: a score run, a `laion-spark dataset` re-cut
+
+
+def lake_cut_config(spark: SparkSession, lake: str, config: Config) -> tuple[Config, str]:
+    """``config`` with the clip and dataset sections that the lake's ``dataset`` was last cut with (the newest
+    score or dataset run in ``runs``), and LAKE_CUT; ``config`` and CONFIGURED when ``runs`` has no such run. A
+    report rendered with another config than the last run's still marks the cut the table holds."""
+    if not table_exists(spark, lake, RUNS):
+        return config, CONFIGURED
+    newest = (
+        read_table(spark, lake, RUNS)
+        .where(F.col("stage").isin(*CUT_STAGES))
+        .orderBy(F.col("recorded_at").desc())
+        .select("config")
+        .limit(1)
+        .first()
+    )
+    if newest is None:
+        return config, CONFIGURED
+    try:
+        sections = json.loads(newest["config"])
+    except ValueError:
+        log.warning("report: the newest run's config in %s/runs is not JSON; the cut shown is the given config's", lake)
+        return config, CONFIGURED
+    recorded = copy.deepcopy(config)
+    for name in ("clip", "dataset"):
+        section = getattr(recorded, name)
+        for key, value in (sections.get(name) or {}).items():
+            if hasattr(section, key):
+                setattr(section, key, value)
+    return recorded, LAKE_CUT
+
+
+def configured_cut(pool: DataFrame, config: Config, source: str = CONFIGURED) -> tuple[str, float | None] | None:
     """(label, similarity) of the cut dataset.filters takes (top_k_percent before threshold), None without one."""
     filters = effective_filters(config)
     if TOP_K_PERCENT in filters:
         k = config.clip.top_k_percent
-        return f"clip.top_k_percent {k:g}% (configured)", top_k_cut(pool, k)
+        return f"clip.top_k_percent {k:g}% ({source})", top_k_cut(pool, k)
     if THRESHOLD in filters:
-        return f"clip.threshold {config.clip.threshold:g} (configured)", config.clip.threshold
+        return f"clip.threshold {config.clip.threshold:g} ({source})", config.clip.threshold
     return None
 
 
-def _similarity(data: ReportData, pool: DataFrame, config: Config) -> None:
+def _similarity(data: ReportData, pool: DataFrame, config: Config, source: str = CONFIGURED) -> None:
     data.similarity_buckets = similarity_buckets(pool)
-    data.scored, data.cut, data.alternatives = similarity_cuts(pool, config)
+    data.scored, data.cut, data.alternatives = similarity_cuts(pool, config, source)
 
 
-def similarity_cuts(pool: DataFrame, config: Config) -> tuple[int, Cut | None, list[Cut]]:
+def similarity_cuts(pool: DataFrame, config: Config, source: str = CONFIGURED) -> tuple[int, Cut | None, list[Cut]]:
     """(scored pairs, the configured cut, the alternative cuts), each cut with the pairs it keeps, in one job."""
-    configured = configured_cut(pool, config)
+    configured = configured_cut(pool, config, source)
     cuts: list[tuple[str, float | None, bool]] = [(f"{t:.2f}", t, False) for t in ALTERNATIVE_THRESHOLDS]
     cuts.append((f"top {ALTERNATIVE_TOP_K_PERCENT:g}%", top_k_cut(pool, ALTERNATIVE_TOP_K_PERCENT), False))
     if configured:

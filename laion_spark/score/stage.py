@@ -124,7 +124,7 @@ def run_score(spark: SparkSession, config: Config, lake: str, run_id: str | None
             below = this_run.where((F.col("status") == OK) & below_threshold)
             record_rejections(_threshold_rejections(below, clip.threshold, run_id), lake)
     else:
-        rebuild_dataset(spark, config, lake, run_id, counter)
+        rebuild_dataset(spark, config, lake, run_id, counter, recut=False)
     counter.write(spark, lake)
     return counter
 
@@ -249,10 +249,12 @@ def rebuild_dataset(
     lake: str,
     run_id: str | None = None,
     counter: StageCounter | None = None,
+    recut: bool = True,
 ) -> tuple[int, int]:
     """Rewrite ``dataset`` from every scored pair through the filter chain (``dataset.filters``), without
     rescoring; returns (rows kept, rows considered). The chain's rejections replace the ``dataset`` partition of
-    ``rejections``; each step is counted in ``counter`` (a new ``score`` counter, written here, when None).
+    ``rejections``; each step is counted in ``counter`` (a new ``score`` counter, written here, when None). A
+    re-cut (not a score run's rebuild, ``recut=False``) records its config in ``runs`` as a ``dataset`` run.
     """
     run_id = run_id or (counter.run_id if counter else new_run_id())
     own_counter = counter is None
@@ -287,6 +289,8 @@ def rebuild_dataset(
                 if step == name:
                     counter.add_outcome(f"{step}:{what}", rows_in, removed)
         considered = chain.steps[0][1] if chain.steps else 0
+    if recut:  # `laion-spark dataset`: its config is now the lake's cut (the report marks it)
+        record_run(spark, lake, run_id, "dataset", config)
     if own_counter:
         counter.write(spark, lake)
     return read_table(spark, lake, DATASET).count(), considered

@@ -33,6 +33,7 @@ STAGE_CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
     "candidates": ("candidates",),
     "download": ("download",),
     "score": ("clip", "dedup", "dataset"),
+    "dataset": ("clip", "dedup", "dataset"),  # `laion-spark dataset`: a re-cut of dataset without rescoring
 }
 
 
