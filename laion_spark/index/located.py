@@ -110,11 +110,15 @@ def by_file(rows: DataFrame, max_rows: int) -> tuple[DataFrame, int]:
     placed = spark.createDataFrame(spans, f"{VECTOR_FILE} string, _before long, _rows long")
     share = F.pmod(F.xxhash64(VECTOR_KEY), F.lit(HASH_RANGE)) / float(HASH_RANGE)  # uniform in [0, 1)
     position = F.col("_before") + share * F.col("_rows")
-    partition = F.least(F.lit(partitions - 1), F.floor(position * partitions / total)).cast("int")
+    planned_partition = F.least(F.lit(partitions - 1), F.floor(position * partitions / total))
+    # A file the plan did not see (a source that changed between the two reads: a plain directory, not a pinned
+    # Delta version) still gets a partition, by its name: a row is never dropped for it.
+    unplanned_partition = F.pmod(F.xxhash64(VECTOR_FILE), F.lit(partitions))
+    partition = F.when(F.col("_rows").isNull(), unplanned_partition).otherwise(planned_partition).cast("int")
     # Longs, as partition_keys hashed them: a small literal would be an int, whose hash differs.
     key = F.element_at(F.array(*(F.lit(k).cast("long") for k in keys)), partition + 1)
     planned = (
-        rows.join(F.broadcast(placed), VECTOR_FILE)
+        rows.join(F.broadcast(placed), VECTOR_FILE, "left")
         .withColumn(PARTITION_KEY, key)
         .repartition(partitions, PARTITION_KEY)
         .drop("_before", "_rows", PARTITION_KEY)

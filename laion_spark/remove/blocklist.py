@@ -6,8 +6,10 @@ Re-LAION's name URLs by their MD5 or SHA-256 instead (``url_md5``, ``url_sha256`
 the stored URL. An image is named by the hex digest of its body as downloaded (``sha256``, ``md5``) or by its pHash
 (16 hex digits, as ``images.phash`` prints with laion_spark.curate.phash.phash_hex). A pair is named by its ``uid``.
 
-The blocklist is small next to the tables it filters (thousands to millions of rows): every filter is a broadcast
-anti-join on one expression per kind, and only the kinds the list holds are joined at all.
+The blocklist is small next to the tables it filters (thousands to millions of rows): every filter is an anti-join
+on one expression per kind, and only the kinds the list holds are joined at all. A kind of up to
+BROADCAST_MAX_VALUES values is broadcast to the tasks; a longer one (a bulk list of hashes) is joined by a shuffle,
+which a broadcast of that size would exhaust the driver's and executors' memory with.
 """
 
 from __future__ import annotations
@@ -168,6 +170,10 @@ def matched_value(kind: str) -> Column:
     }[kind]
 
 
+# Values of one kind sent whole to every task; beyond this the join shuffles. 2M URLs of ~100 bytes are a few
+# hundred MB in a broadcast hash table, about what Spark's own broadcast ceiling (8 GB) leaves comfortable room for.
+BROADCAST_MAX_VALUES = 2_000_000
+
 _COLUMN_OF = {URL: "url", URL_MD5: "url", URL_SHA256: "url", UID: "uid", SHA256: "sha256", MD5: "md5", PHASH: "phash"}
 
 
@@ -177,15 +183,25 @@ class Blocklist:
 
     values: DataFrame | None
     kinds: frozenset[str]
+    sizes: dict[str, int] = field(default_factory=dict)  # rows of each kind (an upper bound of its values)
 
     @property
     def empty(self) -> bool:
         return self.values is None or not self.kinds
 
     def of_kind(self, kind: str) -> DataFrame:
-        """The distinct values of one kind, small enough to broadcast."""
+        """The distinct values of one kind."""
         assert self.values is not None
         return self.values.where(F.col("kind") == kind).select(F.col("value").alias(_BLOCKED)).distinct()
+
+    def broadcast(self, kind: str) -> bool:
+        """Whether the values of ``kind`` are few enough to send to every task (BROADCAST_MAX_VALUES)."""
+        return self.sizes.get(kind, 0) <= BROADCAST_MAX_VALUES
+
+    def join_side(self, kind: str, values: DataFrame | None = None) -> DataFrame:
+        """``values`` (the distinct values of ``kind`` by default), broadcast when :meth:`broadcast` says so."""
+        values = self.of_kind(kind) if values is None else values
+        return F.broadcast(values) if self.broadcast(kind) else values
 
 
 NO_BLOCKLIST = Blocklist(None, frozenset())
@@ -196,8 +212,8 @@ def read_blocklist(spark: SparkSession, lake: str) -> Blocklist:
     if not table_exists(spark, lake, REMOVALS):
         return NO_BLOCKLIST
     values = read_table(spark, lake, REMOVALS).select("value", "kind")
-    kinds = frozenset(row.kind for row in values.select("kind").distinct().collect())  # seven kinds at most
-    return Blocklist(values, kinds & frozenset(KINDS))
+    sizes = {row.kind: int(row["count"]) for row in values.groupBy("kind").count().collect()}  # seven kinds at most
+    return Blocklist(values, frozenset(sizes) & frozenset(KINDS), sizes)
 
 
 def blocklist_of(spark: SparkSession, items: Iterable[BlockItem]) -> Blocklist:
@@ -205,7 +221,10 @@ def blocklist_of(spark: SparkSession, items: Iterable[BlockItem]) -> Blocklist:
     rows = [(item.value, item.kind) for item in items]
     if not rows:
         return NO_BLOCKLIST
-    return Blocklist(spark.createDataFrame(rows, "value string, kind string"), frozenset(kind for _, kind in rows))
+    sizes: dict[str, int] = {}
+    for _, kind in rows:
+        sizes[kind] = sizes.get(kind, 0) + 1
+    return Blocklist(spark.createDataFrame(rows, "value string, kind string"), frozenset(sizes), sizes)
 
 
 def _kinds_in(df: DataFrame, blocklist: Blocklist, kinds: Iterable[str]) -> list[str]:
@@ -217,7 +236,7 @@ def _kinds_in(df: DataFrame, blocklist: Blocklist, kinds: Iterable[str]) -> list
 
 def _drop_matching(df: DataFrame, blocklist: Blocklist, kinds: Iterable[str]) -> DataFrame:
     for kind in _kinds_in(df, blocklist, kinds):
-        df = df.join(F.broadcast(blocklist.of_kind(kind)), matched_value(kind) == F.col(_BLOCKED), "left_anti")
+        df = df.join(blocklist.join_side(kind), matched_value(kind) == F.col(_BLOCKED), "left_anti")
     return df
 
 
@@ -235,7 +254,7 @@ def blocked_rows(df: DataFrame, blocklist: Blocklist, kinds: Iterable[str] = KIN
     """The rows of ``df`` that some value of the blocklist names (the union of one semi-join per kind), or None
     when no kind of the blocklist applies to ``df``'s columns."""
     matched = [
-        df.join(F.broadcast(blocklist.of_kind(kind)), matched_value(kind) == F.col(_BLOCKED), "left_semi")
+        df.join(blocklist.join_side(kind), matched_value(kind) == F.col(_BLOCKED), "left_semi")
         for kind in _kinds_in(df, blocklist, kinds)
     ]
     return functools.reduce(DataFrame.unionByName, matched) if matched else None
@@ -253,7 +272,8 @@ def withhold_blocked_images(images: DataFrame, blocklist: Blocklist, removed_sta
     for kind in kinds:
         flag = f"_removed_by_{kind}"
         hits = blocklist.of_kind(kind).withColumn(flag, F.lit(kind))
-        images = images.join(F.broadcast(hits), matched_value(kind) == F.col(_BLOCKED), "left").drop(_BLOCKED)
+        images = images.join(blocklist.join_side(kind, hits), matched_value(kind) == F.col(_BLOCKED), "left")
+        images = images.drop(_BLOCKED)
         flags.append(flag)
     matched = F.coalesce(*(F.col(flag) for flag in flags))
     hit = matched.isNotNull()

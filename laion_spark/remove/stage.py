@@ -134,9 +134,13 @@ def run_remove(
         raise ConfigError(f"unknown kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
     run_id = run_id or new_run_id()
     _record(spark, lake, items, reason.strip(), removed_by or _user(), run_id)
+    sizes: dict[str, int] = {}
+    for item in items:
+        sizes[item.kind] = sizes.get(item.kind, 0) + 1
     blocklist = Blocklist(
         read_table(spark, lake, REMOVALS).where(F.col("run_id") == run_id).select("value", "kind"),
-        frozenset(item.kind for item in items),
+        frozenset(sizes),
+        sizes,
     )
     present = [table for table in TABLES if table_exists(spark, lake, table)]
     named = _named_uids(spark, lake, present, blocklist)

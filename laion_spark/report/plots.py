@@ -21,6 +21,7 @@ KEPT_COLOR = "#2b6cb0"
 DROPPED_COLOR = "#e2a03f"
 CUT_COLOR = "#c53030"
 ALTERNATIVE_COLOR = "#4a5568"
+ALTERNATIVE_STYLES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # one per alternative cut, told apart in the legend
 WIDTH_IN = 8.0
 
 
@@ -65,22 +66,23 @@ def similarity_figure(buckets: Sequence[tuple[float, int]], cut: Cut | None, alt
         align="edge",
         color=KEPT_COLOR,
     )
-    for alternative in alternatives:
-        if alternative.similarity is not None:
-            axes.axvline(alternative.similarity, color=ALTERNATIVE_COLOR, linestyle="--", linewidth=1)
-            axes.annotate(
-                alternative.label,
-                (alternative.similarity, 1.0),
-                xycoords=("data", "axes fraction"),
-                rotation=90,
-                va="top",
-                ha="right",
-                fontsize=7,
-                color=ALTERNATIVE_COLOR,
-            )
     if cut is not None and cut.similarity is not None:
         axes.axvline(cut.similarity, color=CUT_COLOR, linewidth=2, label=f"{cut.label}: {cut.kept:,} kept")
-        axes.legend(loc="upper left", fontsize=8)
+    # The alternatives are named in the legend, not beside their lines: cuts 0.02 apart left their labels on top
+    # of each other.
+    for alternative, style in zip(alternatives, ALTERNATIVE_STYLES * len(alternatives), strict=False):
+        if alternative.similarity is not None:
+            axes.axvline(
+                alternative.similarity,
+                color=ALTERNATIVE_COLOR,
+                linestyle=style,
+                linewidth=1,
+                label=f"{alternative.label}: {alternative.kept:,} kept",
+            )
+    if axes.get_legend_handles_labels()[0]:
+        tallest = max((rows for _, rows in buckets), default=0)
+        axes.set_ylim(top=max(1.0, tallest * 1.6))  # room above the bars for the legend
+        axes.legend(loc="upper left", fontsize=7)
     axes.set_xlabel("CLIP similarity (image, alt text)")
     axes.set_ylabel("scored pairs")
     axes.set_title("Similarity of every scored pair")
