@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="Spark local[N], faiss threads")
     parser.add_argument("--workdir", default=str(DATA), help=f"where vectors and indexes go (default {DATA})")
     parser.add_argument(
+        "--keep-indexes", action="store_true", help="keep the two built indexes under --workdir (deleted by default)"
+    )
+    parser.add_argument(
         "--read-vectors",
         choices=("auto", "files", "spark"),
         default="auto",
@@ -262,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     del vectors
     quality = evaluate(spark_out, manifest, queries, truth)
     load_after = os.getloadavg()
+    if not args.keep_indexes:  # two copies of the vectors each (8 GB at the default size); the vectors stay
+        for out in (spark_out, single_out):
+            shutil.rmtree(out, ignore_errors=True)
 
     per_core = {name: rows / (side["wall_s"] * args.cores) for name, side in (("single", single), ("spark", spark))}
     ratio = single["wall_s"] / spark["wall_s"]
