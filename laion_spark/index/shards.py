@@ -156,7 +156,7 @@ class _RowGroupReader:
             by_column = {name: self._take(table, name, local) for name in self.files.physical_columns()}
             for modality, column in self.files.columns.items():
                 taken[modality].append(by_column[column])
-        return {modality: _concat_lists(arrays) for modality, arrays in taken.items()}
+        return {modality: pa.concat_arrays(arrays) for modality, arrays in taken.items()}
 
     def _open(self, path: str) -> None:
         if path == self.path:
@@ -216,16 +216,7 @@ def _uniform_length(lists: pa.Array) -> bool:
 def _matrix(lists: pa.Array) -> np.ndarray:
     """A list array without nulls, all of one length, as a (rows, length) float32 matrix."""
     width = int(np.asarray(lists.offsets)[1] - np.asarray(lists.offsets)[0]) if len(lists) else 0
-    values = lists.flatten()
-    if values.type != pa.float32():
-        values = values.cast(pa.float32())
-    return values.to_numpy(zero_copy_only=False).reshape(len(lists), width)
-
-
-def _concat_lists(arrays: list[pa.Array]) -> pa.Array:
-    if len(arrays) == 1:
-        return arrays[0]
-    return pa.concat_arrays(arrays)
+    return vectors_from_arrow(lists, width)
 
 
 def resolve_file_uri(uri: str) -> tuple[object, str]:

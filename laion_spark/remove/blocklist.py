@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,10 +222,13 @@ def blocklist_of(spark: SparkSession, items: Iterable[BlockItem]) -> Blocklist:
     rows = [(item.value, item.kind) for item in items]
     if not rows:
         return NO_BLOCKLIST
-    sizes: dict[str, int] = {}
-    for _, kind in rows:
-        sizes[kind] = sizes.get(kind, 0) + 1
+    sizes = dict(Counter(kind for _, kind in rows))
     return Blocklist(spark.createDataFrame(rows, "value string, kind string"), frozenset(sizes), sizes)
+
+
+def kind_sizes(items: Iterable[BlockItem]) -> dict[str, int]:
+    """How many of ``items`` there are of each kind (Blocklist.sizes)."""
+    return dict(Counter(item.kind for item in items))
 
 
 def _kinds_in(df: DataFrame, blocklist: Blocklist, kinds: Iterable[str]) -> list[str]:

@@ -31,7 +31,7 @@ from pyspark.sql import functions as F
 
 from laion_spark.config import Config, ConfigError
 from laion_spark.index.build import IndexRemoval, remove_from_index
-from laion_spark.remove.blocklist import KINDS, BlockItem, Blocklist, MalformedLine, blocked_rows
+from laion_spark.remove.blocklist import KINDS, BlockItem, Blocklist, MalformedLine, blocked_rows, kind_sizes
 from laion_spark.schemas import (
     CANDIDATES,
     DATASET,
@@ -134,9 +134,7 @@ def run_remove(
         raise ConfigError(f"unknown kind(s) {', '.join(unknown)}: use {', '.join(KINDS)}")
     run_id = run_id or new_run_id()
     _record(spark, lake, items, reason.strip(), removed_by or _user(), run_id)
-    sizes: dict[str, int] = {}
-    for item in items:
-        sizes[item.kind] = sizes.get(item.kind, 0) + 1
+    sizes = kind_sizes(items)
     blocklist = Blocklist(
         read_table(spark, lake, REMOVALS).where(F.col("run_id") == run_id).select("value", "kind"),
         frozenset(sizes),
