@@ -278,7 +278,11 @@ def test_ivf_index_is_trained_on_a_bounded_sample_and_built_in_shards_by_tasks(
 
     assert manifest.index_type == IVF_HNSW_FLAT and manifest.factory == "IVF2_HNSW32,Flat"
     assert manifest.params["nlist"] == 2 and manifest.params["train_rows"] == 80 and manifest.nprobe >= 1
-    assert len(manifest.shards) == math.ceil(manifest.count / 25) == result.new_shards > 1
+    # ceil(n / 25) tasks; a file shared by two tasks is split by a hash of its keys, so a task may get a few rows
+    # over 25 and cut them into a small second shard: more shards, never a bigger one.
+    planned = math.ceil(manifest.count / 25)
+    assert planned <= len(manifest.shards) == result.new_shards <= 2 * planned and planned > 1
+    assert all(shard.count <= 25 for shard in manifest.shards)
     for modality in MODALITIES:
         trained = read_index(directory, f"trained/{modality}.faiss")
         assert trained.is_trained and trained.ntotal == 0
